@@ -1,0 +1,3 @@
+"""smoothmix-tf: SmoothMix training and certified randomized smoothing for Keras / TensorFlow."""
+
+__version__ = "0.1.0"

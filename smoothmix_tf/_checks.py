@@ -1,0 +1,62 @@
+"""Boundary validation: one clear message naming the bad value and the fix.
+
+Every public entry point (constructors, CLI arguments, dataset names, image batches) validates its
+inputs here, so that a user sees *what* was wrong and *how to fix it* instead of a shape error deep
+inside a graph.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+
+class SmoothMixError(ValueError):
+    """A bad input or configuration; the message says what was wrong and how to fix it."""
+
+
+def fail(what: str, fix: str) -> SmoothMixError:
+    """Build the standard error: ``<what>. <fix>``."""
+    what = what.rstrip(".")
+    return SmoothMixError(f"{what}. {fix}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_positive(name: str, value: Any, hint: str = "") -> float:
+    """σ > 0, step_size > 0, ... (finite)."""
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise fail(f"{name} must be a finite number > 0, got {value!r}",
+                   hint or f"Pass a positive value for {name}.")
+    return value
+
+
+def check_non_negative(name: str, value: Any, hint: str = "") -> float:
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+        raise fail(f"{name} must be a finite number >= 0, got {value!r}",
+                   hint or f"Pass a value >= 0 for {name}.")
+    return value
+
+
+def check_int_at_least(name: str, value: Any, minimum: int, hint: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise fail(f"{name} must be an integer >= {minimum}, got {value!r}",
+                   hint or f"Pass an integer {name} >= {minimum}.")
+    return value
+
+
+def check_open_unit(name: str, value: Any, hint: str = "") -> float:
+    """0 < value < 1 (e.g. CERTIFY's failure probability alpha)."""
+    if not _is_number(value) or not (0.0 < value < 1.0):
+        raise fail(f"{name} must lie strictly between 0 and 1, got {value!r}",
+                   hint or f"Pass {name} in (0, 1), e.g. 0.001.")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    choices = sorted(choices)
+    if value not in choices:
+        raise fail(f"unknown {name} {value!r}", f"Choose one of: {', '.join(choices)}.")
+    return value

@@ -1,0 +1,91 @@
+"""The objective interface shared by every training method, and the registry of methods by name.
+
+An objective separates its randomness from its math:
+
+- ``draw(x, sigma, seed) -> dict``: every random tensor of one optimizer step (the noise
+  ``[m, b, H, W, C]`` already multiplied by σ, mixing ratios, ...), from a stateless seed ``[2]``;
+- ``loss(network, x, y, draws, epoch, sigma) -> (loss, logs)``: a pure function of its arguments;
+  ``loss`` is the mean over this replica's batch (the model rescales it for distribution), ``logs``
+  a dict of scalar tensors shown in the progress bar, CSV and TensorBoard.
+
+``epoch`` is a 0-based float tensor (used by the warm-up schedules). Objectives are
+Keras-serializable (``get_config`` / ``from_config``) so that a ``SmoothedModel`` saves and loads as a
+``.keras`` file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from smoothmix_tf._checks import check_choice, check_int_at_least
+
+REGISTRY: dict[str, type["Objective"]] = {}
+
+
+def register(name: str):
+    """Class decorator: make an objective available by ``name`` (CLI, presets, ``get``)."""
+
+    def wrap(cls):
+        cls.name = name
+        REGISTRY[name] = cls
+        return keras.saving.register_keras_serializable(package="smoothmix_tf")(cls)
+
+    return wrap
+
+
+def get(name: str, **kwargs: Any) -> "Objective":
+    """Instantiate a registered objective by name, e.g. ``get("smoothmix", eta=5.0)``."""
+    check_choice("training method", name, REGISTRY)
+    return REGISTRY[name](**kwargs)
+
+
+class Objective:
+    """Base class: holds the number of noise copies m and the serialization plumbing."""
+
+    name = "objective"
+
+    def __init__(self, noise_samples: int = 1):
+        self.noise_samples = check_int_at_least("noise_samples (m)", noise_samples, 1)
+
+    # -- randomness -------------------------------------------------------------------------
+    def draw(self, x: tf.Tensor, sigma: float, seed: tf.Tensor) -> dict[str, tf.Tensor]:
+        raise NotImplementedError
+
+    # -- math -------------------------------------------------------------------------------
+    def loss(self, network: keras.Model, x: tf.Tensor, y: tf.Tensor, draws: dict[str, tf.Tensor],
+             epoch: tf.Tensor, sigma: float) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+        raise NotImplementedError
+
+    # -- serialization ----------------------------------------------------------------------
+    def get_config(self) -> dict[str, Any]:
+        return {"noise_samples": self.noise_samples}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Objective":
+        return cls(**config)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+def warmup_factor(epoch: tf.Tensor, warmup_epochs: int) -> tf.Tensor:
+    """w = min(1, (epoch + 1) / warmup_epochs) (reference code's warm-up; 1 when warmup_epochs=0)."""
+    if warmup_epochs <= 0:
+        return tf.constant(1.0, tf.float32)
+    return tf.minimum(1.0, (tf.cast(epoch, tf.float32) + 1.0) / float(warmup_epochs))
+
+
+def split_seed(seed: tf.Tensor, num: int) -> list[tf.Tensor]:
+    """``num`` independent stateless seeds from one."""
+    seeds = tf.random.experimental.stateless_split(seed, num=num)
+    return [seeds[i] for i in range(num)]
+
+
+def noisy_accuracy(logits: tf.Tensor, y_tiled: tf.Tensor) -> tf.Tensor:
+    """Fraction of noisy copies classified correctly (accuracy under noise)."""
+    pred = tf.argmax(logits, axis=-1, output_type=y_tiled.dtype)
+    return tf.reduce_mean(tf.cast(tf.equal(pred, y_tiled), tf.float32))
