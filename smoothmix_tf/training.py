@@ -1,0 +1,198 @@
+"""Training runs: configuration, optimizer and schedule (METHOD.md §3), checkpoints that resume.
+
+A run folder holds ``config.json`` (the full configuration), ``checkpoint.keras`` (model, optimizer
+state, epoch and random-stream counters, written atomically after every epoch), ``state.json``
+(epochs completed), ``history.csv`` and ``tensorboard/``. ``train(config, resume=True)`` continues
+from the last completed epoch and reproduces the uninterrupted run bit for bit: the data order of
+epoch e depends only on (seed, e), the noise of step k only on (seed, k).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from smoothmix_tf import architectures, datasets, objectives
+from smoothmix_tf._checks import (check_choice, check_int_at_least,
+                                  check_non_negative, check_positive, fail)
+from smoothmix_tf.distribute import STRATEGIES, make_strategy
+from smoothmix_tf.model import SmoothedModel
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run depends on (saved as ``config.json`` beside its outputs)."""
+
+    dataset: str = "mnist5k"
+    architecture: str = "lenet"
+    sigma: float = 0.5
+    objective: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "gaussian"})
+    epochs: int = 90
+    batch_size: int = 64
+    lr: float = 0.01
+    lr_decay_epochs: list[int] = dataclasses.field(default_factory=lambda: [30, 60])
+    lr_decay_factor: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    seed: int = 0
+    data_dir: str | None = None
+    train_limit: int | None = None
+    test_limit: int | None = None
+    strategy: str = "default"
+    mixed_precision: bool = False
+    jit_compile: bool = False
+
+    def validate(self) -> "TrainConfig":
+        check_positive("sigma", self.sigma)
+        check_int_at_least("epochs", self.epochs, 1)
+        check_int_at_least("batch_size", self.batch_size, 1)
+        check_positive("lr", self.lr)
+        check_positive("lr_decay_factor", self.lr_decay_factor)
+        check_non_negative("momentum", self.momentum)
+        check_non_negative("weight_decay", self.weight_decay)
+        check_int_at_least("seed", self.seed, 0)
+        check_choice("strategy", self.strategy, STRATEGIES)
+        if "method" not in self.objective:
+            raise fail("the objective has no 'method'",
+                       f"Set objective.method to one of: {', '.join(sorted(objectives.REGISTRY))}.")
+        for e in self.lr_decay_epochs:
+            check_int_at_least("lr_decay_epochs entry", e, 1)
+        self.make_objective()  # validates the method name and its hyperparameters
+        return self
+
+    def make_objective(self) -> objectives.Objective:
+        params = dict(self.objective)
+        return objectives.get(params.pop("method"), **params)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise fail(f"unknown configuration field(s): {', '.join(unknown)}",
+                       f"Known fields: {', '.join(sorted(known))}.")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """SGD with momentum, learning rate ×decay at each of ``lr_decay_epochs`` (step schedule).
+
+    Weight decay is not here: it is the model's coupled L2 (METHOD.md §3).
+    """
+    boundaries = [e * steps_per_epoch for e in sorted(config.lr_decay_epochs)]
+    values = [config.lr * config.lr_decay_factor ** i for i in range(len(boundaries) + 1)]
+    schedule = (keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+                if boundaries else config.lr)
+    return keras.optimizers.SGD(learning_rate=schedule, momentum=config.momentum,
+                                nesterov=config.nesterov)
+
+
+def build_model(config: TrainConfig, steps_per_epoch: int) -> SmoothedModel:
+    """Base network + objective + compiled optimizer, in the current strategy scope."""
+    info = datasets.info(config.dataset, data_dir=config.data_dir)
+    keras.utils.set_random_seed(config.seed)
+    base = architectures.get(config.architecture, num_classes=info.num_classes,
+                             input_shape=info.input_shape)
+    model = SmoothedModel(base, sigma=config.sigma, objective=config.make_objective(),
+                          weight_decay=config.weight_decay, seed=config.seed)
+    model.compile(optimizer=make_optimizer(config, steps_per_epoch),
+                  jit_compile=config.jit_compile)
+    return model
+
+
+def _epoch_dataset(config: TrainConfig, epoch: int):
+    """Training data of one epoch: its shuffle and augmentation depend only on (seed, epoch)."""
+    return datasets.load(config.dataset, "train", config.batch_size, shuffle=True,
+                         seed=config.seed * 100_003 + epoch, data_dir=config.data_dir,
+                         limit=config.train_limit, drop_remainder=True)
+
+
+def _steps_per_epoch(config: TrainConfig) -> int:
+    steps = int(_epoch_dataset(config, 0).cardinality())
+    if steps < 1:
+        raise fail(f"batch_size {config.batch_size} is larger than the training set",
+                   "Use a smaller --batch-size or more training data.")
+    return steps
+
+
+def _save_checkpoint(model: SmoothedModel, run_dir: Path, epochs_done: int) -> None:
+    tmp = run_dir / ".checkpoint.tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, run_dir / "checkpoint.keras")
+    atomic_write_text(run_dir / "state.json",
+                      json.dumps({"epochs_completed": epochs_done, "time": time.time()}, indent=2))
+
+
+def load_checkpoint(run_dir: str | Path) -> SmoothedModel:
+    """The ``SmoothedModel`` (with optimizer state) saved in a run folder."""
+    path = Path(run_dir) / "checkpoint.keras"
+    if not path.exists():
+        raise fail(f"no checkpoint at {path}",
+                   "Pass the folder of a training run (smoothmix train --out DIR) that completed "
+                   "at least one epoch.")
+    return keras.models.load_model(path)
+
+
+def completed_epochs(run_dir: Path) -> int:
+    state = Path(run_dir) / "state.json"
+    return json.loads(state.read_text())["epochs_completed"] if state.exists() else 0
+
+
+def train(config: TrainConfig, out: str | Path, resume: bool = False, verbose: int = 1,
+          callbacks: list[keras.callbacks.Callback] | None = None) -> SmoothedModel:
+    """Run (or resume) a training run into ``out``; returns the trained ``SmoothedModel``."""
+    config.validate()
+    run_dir = Path(out)
+    if (run_dir / "checkpoint.keras").exists() and not resume:
+        raise fail(f"{run_dir} already holds a training run",
+                   "Pass --resume to continue it, or choose another --out folder.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume and (run_dir / "config.json").exists():
+        saved = json.loads((run_dir / "config.json").read_text())
+        if saved != json.loads(json.dumps(config.to_dict())):
+            raise fail(f"the configuration differs from the one saved in {run_dir}/config.json",
+                       "Resume with the same settings (or start a new --out folder).")
+    atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2))
+
+    if config.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    strategy = make_strategy(config.strategy)
+    steps = _steps_per_epoch(config)
+    start = completed_epochs(run_dir) if resume else 0
+    with strategy.scope():
+        model = load_checkpoint(run_dir) if start > 0 else build_model(config, steps)
+    test_ds = datasets.load(config.dataset, "test", config.batch_size, shuffle=False,
+                            data_dir=config.data_dir, limit=config.test_limit)
+    if start == 0 and (run_dir / "history.csv").exists():
+        (run_dir / "history.csv").unlink()  # left by a run interrupted in its first epoch
+    logs_cb = [keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+               keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False)]
+    for epoch in range(start, config.epochs):
+        if verbose:
+            print(f"Epoch {epoch + 1}/{config.epochs}", flush=True)
+        model.fit(_epoch_dataset(config, epoch), epochs=epoch + 1, initial_epoch=epoch,
+                  validation_data=test_ds, verbose=2 if verbose else 0, shuffle=False,
+                  callbacks=logs_cb + list(callbacks or []))
+        _save_checkpoint(model, run_dir, epoch + 1)
+    return model
