@@ -64,7 +64,8 @@ def run_quickstart(out: str | Path = "runs/quickstart", method: str = "smoothmix
                       config={"checkpoint": str(out), "dataset": "mnist5k", "split": "test"})
     result = analysis.load_certification(tsv)
     name = f"{method} σ={sigma} (mnist5k, {config.epochs} epochs)"
-    table = analysis.markdown_table({name: result}, radii=[0.25 * i for i in range(int(4 * 4 * sigma) + 1)])
+    table = analysis.markdown_table({name: result}, show_count=True,
+                                   radii=[0.25 * i for i in range(int(16 * sigma) + 1)])
     acr = analysis.average_certified_radius(result)
     plot = analysis.plot_certified_accuracy({name: result}, out / "certified_accuracy.png",
                                             title=f"Certified accuracy, N={n}, α=0.001")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import keras
 
 from smoothmix_tf import architectures, datasets, objectives
+from smoothmix_tf.analysis import atomic_write_text
 from smoothmix_tf._checks import (check_choice, check_int_at_least,
                                   check_non_negative, check_positive, fail)
 from smoothmix_tf.distribute import STRATEGIES, make_strategy
@@ -85,22 +85,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and a rename (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     """SGD with momentum, learning rate ×decay at each of ``lr_decay_epochs`` (step schedule).
 
     Weight decay is not here: it is the model's coupled L2 (METHOD.md §3).
     """
-    boundaries = [e * steps_per_epoch for e in sorted(config.lr_decay_epochs)]
+    # PiecewiseConstantDecay keeps value i while step <= boundary i; step e·S opens epoch e.
+    boundaries = [e * steps_per_epoch - 1 for e in sorted(config.lr_decay_epochs)]
     values = [config.lr * config.lr_decay_factor ** i for i in range(len(boundaries) + 1)]
     schedule = (keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
                 if boundaries else config.lr)

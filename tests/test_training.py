@@ -1,0 +1,106 @@
+"""Training runs: config on disk, checkpoints every epoch, resume bit for bit, clear errors."""
+
+import csv
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from smoothmix_tf._checks import SmoothMixError
+from smoothmix_tf.training import TrainConfig, load_checkpoint, make_optimizer, train
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+
+    def make(n):
+        y = rng.integers(0, 10, n)
+        x = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
+        for c in range(10):  # a bright bar whose row depends on the class
+            x[y == c, 2 + 2 * c: 4 + 2 * c, 4:24] = 230
+        return x, y.astype(np.uint8)
+
+    (xtr, ytr), (xte, yte) = make(96), make(32)
+    np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    return f"npz:{path}"
+
+
+def config(dataset, **kw):
+    values = dict(dataset=dataset, architecture="lenet", sigma=0.25, epochs=3, batch_size=16,
+                  lr=0.02, lr_decay_epochs=[2], seed=5,
+                  objective={"method": "gaussian", "noise_samples": 2})
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+class StopAt(keras.callbacks.Callback):
+    """Simulates an interruption (Ctrl-C) at the start of a given epoch."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.stop_epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.stop_epoch:
+            raise KeyboardInterrupt
+
+
+def weights(model):
+    return [w.numpy() for w in model.weights] + [v.numpy() for v in model.optimizer.variables]
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, tiny_npz):
+    full = train(config(tiny_npz), tmp_path / "full", verbose=0)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tiny_npz), tmp_path / "cut", verbose=0, callbacks=[StopAt(2)])
+    assert json.loads((tmp_path / "cut" / "state.json").read_text())["epochs_completed"] == 2
+    resumed = train(config(tiny_npz), tmp_path / "cut", resume=True, verbose=0)
+    for a, b in zip(weights(full), weights(resumed)):
+        np.testing.assert_array_equal(a, b)
+    rows = list(csv.DictReader(open(tmp_path / "cut" / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]  # nothing lost, nothing duplicated
+    assert "val_noisy_accuracy" in rows[0]
+
+
+def test_run_folder_records_everything_and_training_learns(tmp_path, tiny_npz):
+    cfg = config(tiny_npz, epochs=4, lr_decay_epochs=[3])
+    model = train(cfg, tmp_path / "run", verbose=0)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert TrainConfig.from_dict(saved) == cfg
+    assert (tmp_path / "run" / "tensorboard").is_dir()
+    rows = list(csv.DictReader(open(tmp_path / "run" / "history.csv")))
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    assert float(rows[-1]["noisy_accuracy"]) > float(rows[0]["noisy_accuracy"])
+    loaded = load_checkpoint(tmp_path / "run")
+    np.testing.assert_array_equal(loaded.base.get_layer("fc2").kernel.numpy(),
+                                  model.base.get_layer("fc2").kernel.numpy())
+
+
+def test_step_schedule_decays_at_the_given_epochs():
+    opt = make_optimizer(TrainConfig(lr=0.1, lr_decay_epochs=[2, 4], lr_decay_factor=0.1), 10)
+    lrs = [float(opt.learning_rate_schedule(step)) if hasattr(opt, "learning_rate_schedule")
+           else float(opt._learning_rate(step)) for step in (0, 19, 20, 39, 40, 100)]
+    np.testing.assert_allclose(lrs, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+    assert opt.momentum == 0.9 and not opt.nesterov
+
+
+def test_existing_run_without_resume_and_missing_checkpoint_are_clear_errors(tmp_path, tiny_npz):
+    train(config(tiny_npz, epochs=1), tmp_path / "r", verbose=0)
+    with pytest.raises(SmoothMixError, match="--resume"):
+        train(config(tiny_npz, epochs=1), tmp_path / "r", verbose=0)
+    with pytest.raises(SmoothMixError, match="same settings"):
+        train(config(tiny_npz, epochs=2, sigma=0.5), tmp_path / "r", resume=True, verbose=0)
+    with pytest.raises(SmoothMixError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("sigma", 0.0, "sigma"), ("epochs", 0, "epochs"), ("batch_size", 0, "batch_size"),
+    ("lr", -1.0, "lr"), ("strategy", "tpu", "strategy"),
+])
+def test_bad_config_values_are_clear_errors(field, value, match):
+    with pytest.raises(SmoothMixError, match=match):
+        TrainConfig(**{field: value}).validate()
