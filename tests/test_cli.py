@@ -1,0 +1,105 @@
+"""`smoothmix` CLI end to end on tiny settings: train -> certify (+resume) -> predict -> analyze."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from smoothmix_tf import analysis
+from smoothmix_tf.cli import build_parser, main
+
+COMMANDS = ["train", "certify", "predict", "analyze", "quickstart"]
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    y = rng.integers(0, 10, 80).astype(np.uint8)
+    x = rng.integers(0, 40, (80, 28, 28), dtype=np.uint8)
+    for c in range(10):
+        x[y == c, 2 + 2 * c: 4 + 2 * c, 4:24] = 240
+    np.savez(path, x_train=x[:64], y_train=y[:64], x_test=x[64:], y_test=y[64:])
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_npz):
+    run = tmp_path_factory.mktemp("runs") / "gauss"
+    code = main(["train", "--dataset", f"npz:{tiny_npz}", "--architecture", "lenet", "--method",
+                 "gaussian", "--sigma", "0.25", "--epochs", "2", "--batch-size", "16", "--lr",
+                 "0.05", "--set", "lr_decay_epochs=[]", "--quiet", "--out", str(run)])
+    assert code == 0
+    return run
+
+
+def test_every_command_has_complete_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name in COMMANDS:
+        assert name in sub.choices, name
+        text = sub.choices[name].format_help()
+        assert "usage: smoothmix " + name in text
+        for action in sub.choices[name]._actions:  # every option documents itself
+            assert action.help, f"{name} {action.option_strings} has no help"
+
+
+def test_help_runs_as_a_console_script():
+    out = subprocess.run([sys.executable, "-m", "smoothmix_tf.cli", "certify", "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--n0" in out.stdout and "--resume" in out.stdout
+
+
+def test_certify_resume_and_analyze(tmp_path, trained_run, capsys):
+    tsv = tmp_path / "c.tsv"
+    args = ["certify", "--checkpoint", str(trained_run), "--n0", "20", "--n", "200", "--batch",
+            "100", "--alpha", "0.01", "--max", "4", "--out", str(tsv)]
+    assert main(args) == 0
+    full = tsv.read_text()
+    # interrupt: keep the header, two rows and half of the third; resume must finish it exactly
+    lines = full.splitlines(keepends=True)
+    tsv.write_text("".join(lines[:3]) + lines[3][:5])
+    assert main(args + ["--resume"]) == 0
+    assert tsv.read_text() .split("\n")[0] == full.split("\n")[0]
+    resumed = analysis.load_certification(tsv)
+    original = [line.split("\t")[:5] for line in full.splitlines()[1:]]
+    assert [line.split("\t")[:5] for line in tsv.read_text().splitlines()[1:]] == original
+    assert list(resumed.idx) == [0, 1, 2, 3]
+    assert (tsv.with_suffix(".json")).exists()  # the run's configuration beside its output
+    capsys.readouterr()
+    assert main(["analyze", str(tsv), "--names", "tiny", "--plot", str(tmp_path / "p.png")]) == 0
+    printed = capsys.readouterr().out
+    assert f"{analysis.average_certified_radius(resumed):.3f}" in printed
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predict_writes_rows(tmp_path, trained_run):
+    tsv = tmp_path / "p.tsv"
+    assert main(["predict", "--checkpoint", str(trained_run), "--n", "100", "--batch", "100",
+                 "--max", "3", "--out", str(tsv)]) == 0
+    header, *rows = tsv.read_text().splitlines()
+    assert header.split("\t") == ["idx", "label", "predict", "correct", "time"] and len(rows) == 3
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["certify", "--checkpoint", "/nonexistent", "--out", "x.tsv"], "no checkpoint"),
+    (["train", "--preset", "nope", "--out", "x"], "unknown preset"),
+    (["train", "--dataset", "mnist6k", "--out", "OUT"], "mnist5k"),
+    (["train", "--sigma", "-1", "--out", "OUT"], "sigma"),
+    (["analyze", "/nonexistent.tsv"], "nonexistent"),
+])
+def test_bad_arguments_exit_2_with_one_clear_message(argv, message, tmp_path, capsys):
+    argv = [str(tmp_path / "o") if a == "OUT" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_certify_settings_exit_2(tmp_path, trained_run, capsys):
+    for flag, value, name in (("--alpha", "1.5", "alpha"), ("--n0", "0", "n0"),
+                              ("--n", "0", "n "), ("--batch", "0", "batch")):
+        code = main(["certify", "--checkpoint", str(trained_run), flag, value, "--max", "1",
+                     "--out", str(tmp_path / "x.tsv")])
+        assert code == 2, flag
+        assert name in capsys.readouterr().err, flag
