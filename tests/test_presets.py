@@ -46,7 +46,8 @@ def test_recipes_follow_the_method_spec():
     assert presets.load_preset("mnist-consistency-s0.25")["objective"]["lam"] == 10.0
     assert presets.load_preset("cifar10-smoothadv-s0.50")["objective"]["noise_samples"] == 8
     im = presets.load_preset("imagenet-smoothmix-eta5-onestep-s0.50")["objective"]
-    assert (im["attack_steps"], im["noise_samples"], im["step_size"], im["max_norm"]) == (1, 1, 8.0, 1.0)
+    assert (im["attack_steps"], im["noise_samples"], im["step_size"], im["one_step_radius"]) == (1, 1, 8.0, 1.0)
+    assert "max_norm" not in im  # Appendix G projects the clean end, not the attack
     for p in ALL:  # reference code: plain momentum 0.9, coupled L2 1e-4
         cfg = presets.load_preset(p)
         assert (cfg["momentum"], cfg["nesterov"], cfg["weight_decay"]) == (0.9, False, 1e-4)

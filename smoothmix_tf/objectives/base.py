@@ -72,11 +72,12 @@ class Objective:
         return f"{type(self).__name__}({args})"
 
 
-def warmup_factor(epoch: tf.Tensor, warmup_epochs: int) -> tf.Tensor:
-    """w = min(1, (epoch + 1) / warmup_epochs) (reference code's warm-up; 1 when warmup_epochs=0)."""
+def warmup_factor(epoch: tf.Tensor, warmup_epochs: int, dtype: tf.DType = tf.float32) -> tf.Tensor:
+    """w = min(1, (epoch + 1) / warmup_epochs) in ``dtype`` (reference code's warm-up; 1 when
+    warmup_epochs = 0)."""
     if warmup_epochs <= 0:
-        return tf.constant(1.0, tf.float32)
-    return tf.minimum(1.0, (tf.cast(epoch, tf.float32) + 1.0) / float(warmup_epochs))
+        return tf.ones([], dtype)
+    return tf.minimum(tf.ones([], dtype), (tf.cast(epoch, dtype) + 1.0) / float(warmup_epochs))
 
 
 def split_seed(seed: tf.Tensor, num: int) -> list[tf.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from smoothmix_tf import noise as noise_lib
+from smoothmix_tf.adversaries import loss_dtype_for
 from smoothmix_tf.objectives.base import Objective, noisy_accuracy, register
 
 
@@ -26,8 +27,9 @@ class Gaussian(Objective):
         noise = draws["noise"]
         m = noise.shape[0] or self.noise_samples
         logits = network(noise_lib.add_noise_tiled(x, noise), training=True)
-        logits = tf.cast(logits, tf.float32)
+        logits = tf.cast(logits, loss_dtype_for(x))
         y_tiled = noise_lib.tile(y, m)
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y_tiled, logits=logits)
         loss = tf.reduce_mean(ce)
-        return loss, {"loss_ce": loss, "noisy_accuracy": noisy_accuracy(logits, y_tiled)}
+        return loss, {"loss_ce": tf.cast(loss, tf.float32),
+                      "noisy_accuracy": noisy_accuracy(logits, y_tiled)}

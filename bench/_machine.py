@@ -1,0 +1,69 @@
+"""Shared by the benchmarks: is the machine idle? (FACTS.md: other jobs can slow it 2–6×.)
+
+Foreign CPU use = busy ticks of the whole machine minus this process's own ticks, from /proc.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(busy ticks of the whole machine, ticks of this process incl. all its threads)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
+    with open("/proc/self/stat") as f:
+        own = f.read().rsplit(")", 1)[1].split()
+    return busy, int(own[11]) + int(own[12])  # utime + stime
+
+
+def foreign_cpu(busy0: int, own0: int, seconds: float) -> float:
+    """CPU cores used by other processes since (busy0, own0), over ``seconds``."""
+    busy, own = cpu_ticks()
+    return max(0.0, ((busy - busy0) - (own - own0)) / CLOCK_TICKS / max(seconds, 1e-9))
+
+
+def wait_until_idle(max_foreign: float, wait: float) -> float:
+    """Sample foreign CPU over 1 s windows until below ``max_foreign`` or ``wait`` s passed."""
+    deadline = time.time() + wait
+    while True:
+        busy0, own0 = cpu_ticks()
+        time.sleep(1.0)
+        foreign = foreign_cpu(busy0, own0, 1.0)
+        if foreign <= max_foreign or time.time() > deadline:
+            if foreign > max_foreign:
+                print(f"warning: machine busy ({foreign:.2f} foreign cores, load "
+                      f"{os.getloadavg()[0]:.2f}); timings are pessimistic", file=sys.stderr)
+            return foreign
+        time.sleep(4.0)
+
+
+def timed_repeats(fn, repeats: int, max_foreign: float, wait: float) -> tuple[list[float], float]:
+    """Run ``fn`` ``repeats`` times after an idle check each; (seconds per run, max foreign load)."""
+    times, worst = [], 0.0
+    for _ in range(repeats):
+        worst = max(worst, wait_until_idle(max_foreign, wait))
+        busy0, own0 = cpu_ticks()
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        times.append(elapsed)
+        worst = max(worst, foreign_cpu(busy0, own0, elapsed))
+    return times, worst
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def machine_line() -> str:
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"load {os.getloadavg()[0]:.2f}")

@@ -1,0 +1,112 @@
+"""Training throughput: clean images per second of each method's train step (MNIST LeNet, and
+SmoothMix on CIFAR ResNet-110), median of repeats with an idle-machine check.
+
+Clean images per optimizer step follow the paper's batch semantics (256/m clean images × m noise
+copies per step, METHOD.md §2), so the figures compare directly with the authors' PyTorch code on
+this machine kind (shared/FACTS.md): SmoothMix MNIST σ = 1.0 / 0.5 / 0.25: 153 / 266 / 402 images/s,
+Gaussian 6,631, SmoothMix ResNet-110 11.5. Weights and images are random: speed does not depend on
+them.
+
+    .venv/bin/python bench/train_throughput.py                 # all workloads
+    .venv/bin/python bench/train_throughput.py --only smoothmix-s1.00 gaussian --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import machine_line, median, timed_repeats  # noqa: E402
+
+# name: (preset, reference clean images/s or None)
+WORKLOADS = {
+    "gaussian": ("mnist-gaussian-s0.50", 6631.0),
+    "smoothmix-s0.25": ("mnist-smoothmix-eta5-s0.25", 402.0),
+    "smoothmix-s0.50": ("mnist-smoothmix-eta5-s0.50", 266.0),
+    "smoothmix-s1.00": ("mnist-smoothmix-eta5-s1.00", 153.0),
+    "smoothmix-onestep-s1.00": ("mnist-smoothmix-eta5-onestep-s1.00", None),
+    "stability": ("mnist-stability-s0.50", None),
+    "smoothadv": ("mnist-smoothadv-s0.50", None),
+    "macer": ("mnist-macer-s0.50", None),
+    "consistency": ("mnist-consistency-s0.50", None),
+    "smoothmix-resnet110": ("cifar10-smoothmix-eta5-s0.50", 11.5),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=list(WORKLOADS), help="workloads to run")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per timed run (MNIST)")
+    p.add_argument("--resnet-steps", type=int, default=3, help="steps per timed run (ResNet-110)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per workload (median)")
+    p.add_argument("--jit-compile", action="store_true", help="XLA (slower on this CPU, FACTS.md)")
+    p.add_argument("--max-foreign", type=float, default=0.3,
+                   help="foreign CPU cores tolerated before waiting (default 0.3)")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for an idle machine")
+    p.add_argument("--out", help="also write the results as JSON")
+    return p.parse_args(argv)
+
+
+def measure(name: str, args) -> dict:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from smoothmix_tf import presets
+    from smoothmix_tf.architectures import get as get_architecture
+    from smoothmix_tf.model import SmoothedModel
+    from smoothmix_tf.training import TrainConfig, make_optimizer
+
+    preset, reference = WORKLOADS[name]
+    config = TrainConfig.from_dict(presets.load_preset(preset))
+    shape, classes = ((28, 28, 1), 10) if config.architecture == "lenet" else ((32, 32, 3), 10)
+    steps = args.resnet_steps if "resnet" in config.architecture else args.steps
+    keras.utils.set_random_seed(0)
+    base = get_architecture(config.architecture, num_classes=classes, input_shape=shape)
+    model = SmoothedModel(base, sigma=config.sigma, objective=config.make_objective())
+    model.compile(optimizer=make_optimizer(config, 100), jit_compile=args.jit_compile)
+    rng = np.random.default_rng(0)
+    n = config.batch_size * steps
+    x = rng.random((n, *shape), dtype=np.float32)
+    y = rng.integers(0, classes, n)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(config.batch_size).cache()
+    model.fit(ds.take(2), epochs=1, verbose=0)  # trace and warm up
+
+    def run():
+        model.fit(ds, epochs=1, verbose=0, shuffle=False)
+
+    times, foreign = timed_repeats(run, args.repeats, args.max_foreign, args.wait)
+    rate = n / median(times)
+    return {"workload": name, "preset": preset, "batch_size": config.batch_size,
+            "noise_samples": config.make_objective().noise_samples, "images_per_s": rate,
+            "reference_images_per_s": reference,
+            "ratio": rate / reference if reference else None, "repeats": times,
+            "max_foreign_cores": foreign}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rows = [measure(name, args) for name in (args.only or list(WORKLOADS))]
+    print(f"\nmachine: {machine_line()}; medians of {args.repeats} runs; XLA={args.jit_compile}\n")
+    print("| workload | preset | clean images/step | images/s | reference (PyTorch) | ratio |"
+          " max foreign cores |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ref = f"{r['reference_images_per_s']:.1f}" if r["reference_images_per_s"] else "—"
+        ratio = f"{r['ratio']:.2f}×" if r["ratio"] else "—"
+        print(f"| {r['workload']} | {r['preset']} | {r['batch_size']} | {r['images_per_s']:.1f} |"
+              f" {ref} | {ratio} | {r['max_foreign_cores']:.2f} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
