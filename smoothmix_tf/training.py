@@ -112,6 +112,30 @@ def build_model(config: TrainConfig, steps_per_epoch: int) -> SmoothedModel:
     return model
 
 
+class EpochProgress(keras.callbacks.Callback):
+    """One tqdm bar per epoch ("Epoch 3/90") with the running metrics, then the epoch's summary."""
+
+    def __init__(self, total_epochs: int, steps: int):
+        super().__init__()
+        self.total_epochs, self.steps, self.bar = total_epochs, steps, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.steps, desc=f"Epoch {epoch + 1}/{self.total_epochs}",
+                        unit="step", leave=True, dynamic_ncols=True)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.bar.update(1)
+        if logs and batch % 10 == 0:
+            self.bar.set_postfix({k: f"{float(v):.4g}" for k, v in logs.items()
+                                  if k in ("loss", "noisy_accuracy")})
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.bar.set_postfix({k: f"{float(v):.4g}" for k, v in (logs or {}).items()})
+        self.bar.close()
+
+
 def _epoch_dataset(config: TrainConfig, epoch: int):
     """Training data of one epoch: its shuffle and augmentation depend only on (seed, epoch)."""
     return datasets.load(config.dataset, "train", config.batch_size, shuffle=True,
@@ -179,11 +203,11 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, verbose: i
         (run_dir / "history.csv").unlink()  # left by a run interrupted in its first epoch
     logs_cb = [keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
                keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False)]
+    if verbose:
+        logs_cb.append(EpochProgress(config.epochs, steps))
     for epoch in range(start, config.epochs):
-        if verbose:
-            print(f"Epoch {epoch + 1}/{config.epochs}", flush=True)
         model.fit(_epoch_dataset(config, epoch), epochs=epoch + 1, initial_epoch=epoch,
-                  validation_data=test_ds, verbose=2 if verbose else 0, shuffle=False,
+                  validation_data=test_ds, verbose=0, shuffle=False,
                   callbacks=logs_cb + list(callbacks or []))
         _save_checkpoint(model, run_dir, epoch + 1)
     return model

@@ -290,3 +290,11 @@ def test_connectivity_probe_gives_up_quickly():
     start = time.monotonic()
     assert datasets._can_reach("unreachable.invalid", timeout=1.0) is False
     assert time.monotonic() - start < 3
+
+
+def test_mnist5k_prefixes_are_balanced_across_digits():
+    """Certifying "the first 100 test images" or training on a limit must not see one digit only."""
+    _, y_test = datasets.load_arrays("mnist5k", "test")
+    _, y_train = datasets.load_arrays("mnist5k", "train", limit=500)
+    assert np.bincount(y_test[:100], minlength=10).tolist() == [10] * 10
+    assert np.bincount(y_train, minlength=10).tolist() == [50] * 10
