@@ -60,7 +60,8 @@ def _add_train(sub) -> None:
     p.add_argument("--strategy", choices=["default", "mirrored", "multiworker"],
                    help="distribution: one device, all local devices, or TF_CONFIG workers")
     p.add_argument("--mixed-precision", action="store_true",
-                   help="float16 compute (GPUs); losses and statistics stay float32")
+                   help="mixed precision: float16 compute on GPUs (loss scaling), bfloat16 on CPUs; "
+                        "variables, losses and statistics stay float32")
     p.add_argument("--jit-compile", action="store_true", help="XLA-compile the train step (GPUs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any field, e.g. --set objective.eta=2 --set lr_decay_epochs=[5,8]")

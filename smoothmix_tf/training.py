@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import tensorflow as tf
 
 from smoothmix_tf import architectures, datasets, objectives
 from smoothmix_tf.analysis import atomic_write_text
@@ -99,16 +100,34 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizer
                                 nesterov=config.nesterov)
 
 
+def mixed_precision_policy() -> str:
+    """float16 compute on GPUs (with loss scaling), bfloat16 on CPUs (no scaling needed)."""
+    return "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+
+
 def build_model(config: TrainConfig, steps_per_epoch: int) -> SmoothedModel:
-    """Base network + objective + compiled optimizer, in the current strategy scope."""
+    """Base network + objective + compiled optimizer, in the current strategy scope.
+
+    With ``mixed_precision`` the network computes in float16/bfloat16 while its variables, the
+    losses and all statistics stay float32 (objectives cast logits to float32); under float16 the
+    optimizer is wrapped in Keras's LossScaleOptimizer. The global policy is restored afterwards.
+    """
     info = datasets.info(config.dataset, data_dir=config.data_dir)
     keras.utils.set_random_seed(config.seed)
-    base = architectures.get(config.architecture, num_classes=info.num_classes,
-                             input_shape=info.input_shape)
-    model = SmoothedModel(base, sigma=config.sigma, objective=config.make_objective(),
-                          weight_decay=config.weight_decay, seed=config.seed)
-    model.compile(optimizer=make_optimizer(config, steps_per_epoch),
-                  jit_compile=config.jit_compile)
+    previous = keras.config.dtype_policy()
+    if config.mixed_precision:
+        keras.config.set_dtype_policy(mixed_precision_policy())
+    try:
+        base = architectures.get(config.architecture, num_classes=info.num_classes,
+                                 input_shape=info.input_shape)
+        model = SmoothedModel(base, sigma=config.sigma, objective=config.make_objective(),
+                              weight_decay=config.weight_decay, seed=config.seed)
+        optimizer = make_optimizer(config, steps_per_epoch)
+        if keras.config.dtype_policy().name == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
+    finally:
+        keras.config.set_dtype_policy(previous)
     return model
 
 
@@ -190,8 +209,6 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, verbose: i
                        "Resume with the same settings (or start a new --out folder).")
     atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2))
 
-    if config.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
     strategy = make_strategy(config.strategy)
     steps = _steps_per_epoch(config)
     start = completed_epochs(run_dir) if resume else 0

@@ -104,3 +104,24 @@ def test_existing_run_without_resume_and_missing_checkpoint_are_clear_errors(tmp
 def test_bad_config_values_are_clear_errors(field, value, match):
     with pytest.raises(SmoothMixError, match=match):
         TrainConfig(**{field: value}).validate()
+
+
+def test_mixed_precision_computes_low_and_keeps_losses_float32(tmp_path, tiny_npz):
+    import keras
+
+    model = train(config(tiny_npz, epochs=2, mixed_precision=True, lr_decay_epochs=[]),
+                  tmp_path / "mp", verbose=0)
+    assert model.base.get_layer("conv1").compute_dtype == "bfloat16"  # CPU: bfloat16 policy
+    assert all(w.dtype == "float32" for w in model.base.trainable_weights)
+    assert keras.config.dtype_policy().name == "float32"  # global policy restored
+    rows = list(csv.DictReader(open(tmp_path / "mp" / "history.csv")))
+    losses = [float(r["loss"]) for r in rows]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    x = np.random.default_rng(0).random((4, 28, 28, 1)).astype("float32")
+    import tensorflow as tf
+    from smoothmix_tf.objectives import SmoothMix
+    obj = SmoothMix(noise_samples=2, attack_steps=1)
+    draws = obj.draw(tf.constant(x), 0.25, tf.constant([1, 2], tf.int64))
+    loss, logs = obj.loss(model.base, tf.constant(x), tf.constant([0, 1, 2, 3], tf.int64), draws,
+                          tf.constant(9.0), 0.25)
+    assert loss.dtype == tf.float32 and np.isfinite(loss.numpy())
