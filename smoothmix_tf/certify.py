@@ -1,0 +1,510 @@
+"""Certified prediction with a Gaussian-smoothed classifier (Cohen et al. 2019; METHOD.md §1).
+
+In the style of Cohen et al.'s ``core.py``: one small class, :class:`Smooth`, whose methods mirror
+PREDICT and CERTIFY, plus the two statistics they need:
+
+- :func:`clopper_pearson_lower` — LowerConfBound of CERTIFY (one-sided exact Clopper–Pearson);
+- :func:`binomial_test_two_sided` — BinomialTest of PREDICT (same p-value as SciPy's ``binomtest``).
+
+Everything runs in TensorFlow ops inside one ``tf.function`` per call: noise is drawn in chunks of
+``batch_size`` noise samples by a ``tf.while_loop``, votes are counted with ``one_hot`` + segment
+sums (``bincount`` does not compile under XLA), and the statistics are float64. The in-graph core
+(:meth:`Smooth.certify_graph`, :meth:`Smooth.predict_graph`) takes and returns tensors, so the
+serving export reuses exactly the code that the NumPy entry points run.
+
+Noise layout (why results do not depend on ``batch_size``). A call with B inputs and n samples
+per input enumerates its noise samples t = i·n + j (input i, sample j). Sample t is the element
+range ``[t·D₄, t·D₄ + D)`` of one Philox stream (D = H·W·C pixels, D₄ = D rounded up to a multiple
+of 4), keyed by ``(seed, stage)``; a chunk of samples ``[a, b)`` is one counter-addressed draw of
+that range (``StatelessRandomNormalV2``). The noise of (input i, sample j) is therefore a function
+of the seed, the stage (selection, estimation or PREDICT: independent streams), i, j and n only —
+never of ``batch_size`` or ``parallel_iterations`` — so counts, classes and radii are identical for
+every ``batch_size``. It does depend on the input's position i in the batch (and on n): the same
+image at another position gets other (equally valid) noise; to make an input's result independent
+of its batch, give it its own seed and certify it alone (as ``evaluation.run_certification`` does).
+XLA (``jit_compile=True``) draws other (also batch-size invariant) bits than the default kernels.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from smoothmix_tf._checks import (SmoothMixError, check_choice, check_int_at_least, check_open_unit,
+                                  check_positive, fail)
+
+ABSTAIN = -1
+INFERENCE_DTYPES = ("float32", "bfloat16", "float16")
+_PHILOX = 1  # RNG_ALG_PHILOX of the stateless V2 random ops
+_SELECTION, _ESTIMATION, _PREDICTION = 0, 1, 2  # noise streams ("stages") of one seed
+
+
+# ------------------------------------------------------------------------------------------------
+# statistics (float64)
+# ------------------------------------------------------------------------------------------------
+def clopper_pearson_lower(k: Any, n: Any, alpha: Any) -> tf.Tensor:
+    """One-sided exact Clopper–Pearson lower bound p̲ with P[p̲ ≤ p] ≥ 1 − alpha (CERTIFY step 3).
+
+    p̲ = alpha-quantile of Beta(k, n − k + 1) (= statsmodels ``proportion_confint(k, n, 2·alpha,
+    method="beta")[0]``); 0 when k = 0 and exactly alpha^(1/n) when k = n. Elementwise on
+    broadcastable tensors, float64 throughout (float32 ``betaincinv`` is off by up to 13%); usable
+    inside ``tf.function``. Domain: 0 ≤ k ≤ n, n ≥ 1, 0 < alpha < 1.
+    """
+    k, n, alpha = _broadcast(_float64(k), _float64(n), _float64(alpha))
+    interior = (k > 0.0) & (k < n)
+    safe_k = tf.where(interior, k, tf.ones_like(k))  # keep betaincinv off its NaN corners
+    safe_b = tf.where(interior, n - k + 1.0, tf.ones_like(k))
+    quantile = tfp.math.betaincinv(safe_k, safe_b, alpha)
+    all_successes = tf.pow(alpha, 1.0 / n)
+    return tf.where(k <= 0.0, tf.zeros_like(k), tf.where(k >= n, all_successes, quantile))
+
+
+def binomial_test_two_sided(k: Any, n: Any, p: Any = 0.5) -> tf.Tensor:
+    """Two-sided exact binomial test p-value of k successes in n trials under H₀: P[success] = p.
+
+    The same definition as ``scipy.stats.binomtest(k, n, p).pvalue`` (PREDICT's BinomialTest): the
+    probability of all outcomes no more likely than k (pmf ≤ pmf(k)·(1 + 1e-7)), capped at 1.
+    For p = ½ this is min(1, 2·P[X ≤ min(k, n − k)]). Tails use the regularized incomplete beta
+    ``tf.math.betainc``; the far tail's edge is found by a vectorized binary search over the
+    unimodal pmf. Elementwise on broadcastable tensors, float64, usable inside ``tf.function``.
+    Domain: 0 ≤ k ≤ n integers, 0 < p < 1 (n = 0 gives 1).
+    """
+    k, n, p = _broadcast(_float64(k), _float64(n), _float64(p))
+
+    def log_pmf(j):
+        return (tf.math.lgamma(n + 1.0) - tf.math.lgamma(j + 1.0) - tf.math.lgamma(n - j + 1.0)
+                + tf.math.xlogy(j, p) + tf.math.xlog1py(n - j, -p))
+
+    threshold = log_pmf(k) + math.log1p(1e-7)
+    mode = n * p
+    below_mode = k < mode
+    # The other tail: outcomes on the far side of the mode with pmf <= threshold. Below the mode
+    # it is {j >= edge} with edge in [ceil(np), n + 1]; above it, {j <= edge} with edge in
+    # [-1, floor(np)]. The predicate is monotone in j on each side, so bisect for the edge.
+    lo = tf.where(below_mode, tf.math.ceil(mode), -tf.ones_like(n))
+    hi = tf.where(below_mode, n + 1.0, tf.math.floor(mode))
+
+    def bisect(lo, hi):
+        if_lo_side = tf.where(below_mode, tf.floor((lo + hi) / 2.0), tf.math.ceil((lo + hi) / 2.0))
+        unlikely = log_pmf(tf.clip_by_value(if_lo_side, 0.0, n)) <= threshold
+        # below: find the smallest j with `unlikely` (hi keeps a satisfying j or n + 1)
+        # above: find the largest j with `unlikely` (lo keeps a satisfying j or -1)
+        new_lo = tf.where(below_mode, tf.where(unlikely, lo, if_lo_side + 1.0),
+                          tf.where(unlikely, if_lo_side, lo))
+        new_hi = tf.where(below_mode, tf.where(unlikely, if_lo_side, hi),
+                          tf.where(unlikely, hi, if_lo_side - 1.0))
+        return new_lo, new_hi
+
+    _, lo, hi = tf.while_loop(lambda i, lo, hi: i < 64,
+                              lambda i, lo, hi: (i + 1, *bisect(lo, hi)), (0, lo, hi))
+    edge = tf.where(below_mode, hi, lo)
+    near_tail = tf.where(below_mode, _binomial_cdf(k, n, p), _binomial_sf_inclusive(k, n, p))
+    far_tail = tf.where(below_mode, _binomial_sf_inclusive(edge, n, p), _binomial_cdf(edge, n, p))
+    p_value = tf.minimum(near_tail + far_tail, 1.0)
+    return tf.where((k == mode) | (n <= 0.0), tf.ones_like(p_value), p_value)
+
+
+def _binomial_cdf(m: tf.Tensor, n: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
+    """P[X ≤ m] for X ~ Bin(n, p) (float64): I_{1−p}(n − m, m + 1)."""
+    inside = (m >= 0.0) & (m < n)
+    one = tf.ones_like(m)
+    value = tf.math.betainc(tf.where(inside, n - m, one), tf.where(inside, m + 1.0, one), 1.0 - p)
+    return tf.where(m < 0.0, tf.zeros_like(m), tf.where(m >= n, tf.ones_like(m), value))
+
+
+def _binomial_sf_inclusive(m: tf.Tensor, n: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
+    """P[X ≥ m] for X ~ Bin(n, p) (float64): I_p(m, n − m + 1)."""
+    inside = (m >= 1.0) & (m <= n)
+    one = tf.ones_like(m)
+    value = tf.math.betainc(tf.where(inside, m, one), tf.where(inside, n - m + 1.0, one), p)
+    return tf.where(m <= 0.0, tf.ones_like(m), tf.where(m > n, tf.zeros_like(m), value))
+
+
+def _float64(value: Any) -> tf.Tensor:
+    """Tensors are cast; Python/NumPy numbers are converted in float64 (``tf.cast(0.3, tf.float64)``
+    would round through float32 first)."""
+    if isinstance(value, (tf.Tensor, tf.Variable)):
+        return tf.cast(value, tf.float64)
+    return tf.constant(np.asarray(value, dtype=np.float64))
+
+
+def _broadcast(*tensors: tf.Tensor) -> list[tf.Tensor]:
+    shape = tf.shape(tensors[0])
+    for t in tensors[1:]:
+        shape = tf.broadcast_dynamic_shape(shape, tf.shape(t))
+    return [tf.broadcast_to(t, shape) for t in tensors]
+
+
+# ------------------------------------------------------------------------------------------------
+# the smoothed classifier
+# ------------------------------------------------------------------------------------------------
+class Smooth:
+    """The smoothed classifier g(x) = argmax_c P[f(x + δ) = c], δ ~ N(0, σ²I) (paper eq. 2).
+
+    ``base`` is a Keras model mapping images ``[B, H, W, C]`` in [0, 1] to logits (or any scores
+    whose argmax is the class); ``f`` is that argmax. Noise is added in [0, 1] pixel space and not
+    clipped (METHOD.md §1).
+
+    ``inference_dtype`` (opt-in, e.g. ``"bfloat16"`` on CPU, ``"float16"`` on GPU) runs the base
+    network in reduced precision: a copy of the network under the Keras ``mixed_<dtype>`` policy
+    with the same weights; x + δ is formed in float32 and cast at the network's first layer.
+    The counts, bounds and radii stay float64/exact. The certificate is then a certificate of the
+    reduced-precision classifier f_<dtype> — the classifier actually deployed — and is valid for
+    *that* classifier; it says nothing about the float32 network, whose predictions may differ near
+    its decision boundaries. ``jit_compile=True`` compiles the sampling loop with XLA (a GPU option;
+    ~2× slower on CPU for these models). ``parallel_iterations`` chunks may be in flight at once
+    (2 overlaps drawing the next chunk's noise with the current forward pass; results unchanged).
+    """
+
+    ABSTAIN = ABSTAIN
+
+    def __init__(self, base: keras.Model, num_classes: int, sigma: float, *,
+                 inference_dtype: str | None = None, jit_compile: bool = False,
+                 parallel_iterations: int = 2):
+        self.base = base
+        self.num_classes = check_int_at_least("num_classes", _as_int(num_classes), 2)
+        self.sigma = float(check_positive("sigma (σ)", _as_float(sigma),
+                                          "Pass the noise level σ > 0 the network was trained "
+                                          "with, e.g. sigma=0.5."))
+        if inference_dtype is not None:
+            check_choice("inference_dtype", inference_dtype, INFERENCE_DTYPES)
+        self.inference_dtype = None if inference_dtype in (None, "float32") else inference_dtype
+        self.jit_compile = bool(jit_compile)
+        self.parallel_iterations = check_int_at_least("parallel_iterations",
+                                                      _as_int(parallel_iterations), 1)
+        self.image_shape = _expected_image_shape(base)
+        outputs = _static_output_classes(base)
+        if outputs is not None and outputs != self.num_classes:
+            raise fail(f"the base network outputs {outputs} scores but num_classes={num_classes}",
+                       f"Pass num_classes={outputs} (the size of the network's last layer).")
+        self.network = (base if self.inference_dtype is None
+                        else reduced_precision_copy(base, self.inference_dtype))
+        self._functions: dict[tuple, Any] = {}
+        self._compiled_sampling = tf.function(self._sampling_loop, jit_compile=True)
+
+    # -- NumPy entry points ---------------------------------------------------------------------
+    def predict(self, images: Any, n: int, alpha: float, batch_size: int = 1000,
+                seed: int = 0) -> np.ndarray:
+        """PREDICT (Cohen et al.): smoothed class per image, ``-1`` = abstain -> int64 ``[B]``.
+
+        Counts n noisy votes per image; with c_A, c_B the top two classes, returns c_A unless the
+        two-sided binomial test of n_A vs n_A + n_B at ½ has p-value > alpha (then abstains).
+        The probability of returning a class other than g(x) is at most alpha.
+        """
+        return self.predict_details(images, n, alpha, batch_size, seed)["classes"]
+
+    def certify(self, images: Any, n0: int, n: int, alpha: float, batch_size: int = 1000,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """CERTIFY (Cohen et al., METHOD.md §1) -> (classes int64 ``[B]``, radii float32 ``[B]``).
+
+        Abstentions are class ``-1`` with radius 0. With probability ≥ 1 − alpha (per image) a
+        returned class c satisfies g(x + e) = c for every ‖e‖₂ < radius (paper eq. 3).
+        """
+        details = self.certify_details(images, n0, n, alpha, batch_size, seed)
+        return details["classes"], details["radius"]
+
+    def certify_details(self, images: Any, n0: int, n: int, alpha: float, batch_size: int = 1000,
+                        seed: int = 0) -> dict[str, np.ndarray]:
+        """CERTIFY with every intermediate: ``classes``, ``radius``, ``p_lower`` (p̲_A, float64),
+        ``count`` (estimation votes for ĉ_A), ``guess`` (ĉ_A even when abstaining), ``counts0``
+        (selection votes ``[B, C]``), ``counts`` (estimation votes ``[B, C]``)."""
+        _check_certify_settings(n0, n, alpha, batch_size)
+        seed = _check_seed(seed)
+        images = self.check_images(images)
+        fn = self._function("certify", n0=int(n0), n=int(n), alpha=float(alpha),
+                            batch_size=int(batch_size))
+        outputs = fn(tf.constant(images), tf.constant(seed, tf.int64))
+        return {key: value.numpy() for key, value in outputs.items()}
+
+    def predict_details(self, images: Any, n: int, alpha: float, batch_size: int = 1000,
+                        seed: int = 0) -> dict[str, np.ndarray]:
+        """PREDICT with every intermediate: ``classes``, ``top_count`` (n_A), ``runner_up_count``
+        (n_B), ``p_value`` (float64), ``counts`` (votes ``[B, C]``)."""
+        _check_predict_settings(n, alpha, batch_size)
+        seed = _check_seed(seed)
+        images = self.check_images(images)
+        fn = self._function("predict", n=int(n), alpha=float(alpha), batch_size=int(batch_size))
+        outputs = fn(tf.constant(images), tf.constant(seed, tf.int64))
+        return {key: value.numpy() for key, value in outputs.items()}
+
+    def check_images(self, images: Any) -> np.ndarray:
+        """Validate a NumPy batch ``[B, H, W, C]`` of [0, 1] pixels -> float32 array (or raise)."""
+        array = np.asarray(images)
+        if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+            raise fail(f"images must be a numeric array, got dtype {array.dtype}",
+                       "Pass a float array of pixels in [0, 1] with shape [batch, H, W, C].")
+        if array.ndim != 4:
+            hint = (" For one image add a batch axis: images[None]." if array.ndim == 3 else "")
+            raise fail(f"images must have rank 4 [batch, height, width, channels], got shape "
+                       f"{array.shape}", "Pass a batch of images." + hint)
+        if array.shape[0] == 0:
+            raise fail(f"images is an empty batch (shape {array.shape})",
+                       "Pass at least one image.")
+        if self.image_shape is not None:
+            for got, want, name in zip(array.shape[1:], self.image_shape,
+                                       ("height", "width", "channels")):
+                if want is not None and got != want:
+                    raise fail(f"images have {name} {got} (shape {array.shape}) but the base "
+                               f"network expects [batch, {', '.join(map(str, self.image_shape))}]",
+                               f"Pass images of the network's input size ({name} {want}).")
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            bad = int(np.sum(~np.isfinite(array)))
+            raise fail(f"images contain {bad} NaN or infinite value(s)",
+                       "Pass finite pixel values in [0, 1].")
+        low, high = float(np.min(array)), float(np.max(array))
+        if low < 0.0 or high > 1.0:
+            raise fail(f"image values must lie in [0, 1] (pixels before normalization), got "
+                       f"range [{low:g}, {high:g}]",
+                       "Scale the images to [0, 1] (e.g. uint8 images / 255); normalization "
+                       "belongs inside the network.")
+        return array.astype(np.float32, copy=False)
+
+    # -- in-graph core (reused by the SavedModel export) ----------------------------------------
+    def certify_graph(self, images: tf.Tensor, seed: tf.Tensor, n0: int, n: int, alpha: float,
+                      batch_size: int) -> dict[str, tf.Tensor]:
+        """CERTIFY in TF ops: images float32 ``[B, H, W, C]`` in [0, 1], seed int64 scalar tensor.
+
+        n0, n, alpha and batch_size are Python constants baked into the graph. Returns ``classes``
+        int64 (−1 abstain), ``radius`` float32 = σ·Φ⁻¹(p̲_A) (0 when abstaining), ``p_lower``
+        float64, ``count`` int64 (votes for ĉ_A among the n estimation samples), ``guess`` int64
+        (ĉ_A), ``counts0`` / ``counts`` int64 ``[B, C]``. Selection and estimation use independent
+        noise streams of the seed.
+        """
+        _check_certify_settings(n0, n, alpha, batch_size)
+        images = self.validate_images_graph(images)
+        counts0 = self.sample_counts(images, n0, _stream_seed(seed, _SELECTION), batch_size)
+        guess = tf.argmax(counts0, axis=1, output_type=tf.int64)
+        counts = self.sample_counts(images, n, _stream_seed(seed, _ESTIMATION), batch_size)
+        count = tf.gather(counts, guess, axis=1, batch_dims=1)
+        p_lower = clopper_pearson_lower(count, n, alpha)
+        abstain = p_lower < 0.5
+        radius = tf.where(abstain, tf.zeros_like(p_lower),
+                          self.sigma * tf.math.ndtri(tf.maximum(p_lower, 0.5)))
+        return {"classes": tf.where(abstain, tf.constant(ABSTAIN, tf.int64), guess),
+                "radius": tf.cast(radius, tf.float32), "p_lower": p_lower, "count": count,
+                "guess": guess, "counts0": counts0, "counts": counts}
+
+    def predict_graph(self, images: tf.Tensor, seed: tf.Tensor, n: int, alpha: float,
+                      batch_size: int) -> dict[str, tf.Tensor]:
+        """PREDICT in TF ops (same conventions as :meth:`certify_graph`). Returns ``classes`` int64
+        (−1 abstain), ``top_count`` int64 (n_A), ``runner_up_count`` int64 (n_B), ``p_value``
+        float64 (two-sided binomial test of n_A out of n_A + n_B at ½), ``counts`` int64 ``[B, C]``.
+        """
+        _check_predict_settings(n, alpha, batch_size)
+        images = self.validate_images_graph(images)
+        counts = self.sample_counts(images, n, _stream_seed(seed, _PREDICTION), batch_size)
+        top_counts, top_classes = tf.math.top_k(counts, k=2)  # ties: the lower class index first
+        top_count, runner_up_count = top_counts[:, 0], top_counts[:, 1]
+        p_value = binomial_test_two_sided(top_count, top_count + runner_up_count, 0.5)
+        classes = tf.where(p_value > alpha, tf.constant(ABSTAIN, tf.int64),
+                           tf.cast(top_classes[:, 0], tf.int64))
+        return {"classes": classes, "top_count": top_count, "runner_up_count": runner_up_count,
+                "p_value": p_value, "counts": counts}
+
+    def validate_images_graph(self, images: tf.Tensor) -> tf.Tensor:
+        """In-graph checks (InvalidArgumentError with a clear message): rank 4, the network's
+        height/width/channels, a non-empty batch, finite values in [0, 1]. Returns the images with
+        the network's static shape set."""
+        images = tf.convert_to_tensor(images, tf.float32)
+        tf.debugging.assert_rank(images, 4, message="images must have rank 4 [batch, height, "
+                                 "width, channels]")
+        shape = tf.shape(images)
+        checks = [tf.debugging.assert_positive(shape[0], message="images is an empty batch: "
+                                               "pass at least one image")]
+        if self.image_shape is not None:
+            for axis, (want, name) in enumerate(zip(self.image_shape, ("height", "width",
+                                                                       "channels")), start=1):
+                if want is not None:
+                    checks.append(tf.debugging.assert_equal(
+                        shape[axis], want, message=f"images must have {name} {want} (the base "
+                        f"network's input is [batch, {', '.join(map(str, self.image_shape))}])"))
+        with tf.control_dependencies(checks):
+            checks = [tf.debugging.assert_all_finite(images, "images contain NaN or infinite "
+                                                     "values: pass finite pixels in [0, 1]")]
+        with tf.control_dependencies(checks):
+            checks = [tf.debugging.assert_greater_equal(
+                          tf.reduce_min(images), 0.0, message="image values must lie in [0, 1] "
+                          "(scale pixels to [0, 1], e.g. uint8 / 255)"),
+                      tf.debugging.assert_less_equal(
+                          tf.reduce_max(images), 1.0, message="image values must lie in [0, 1] "
+                          "(scale pixels to [0, 1], e.g. uint8 / 255)")]
+        with tf.control_dependencies(checks):
+            images = tf.identity(images)
+        if self.image_shape is not None:
+            images = tf.ensure_shape(images, [None, *self.image_shape])
+        return images
+
+    def sample_counts(self, images: tf.Tensor, num_samples: int, seed: tf.Tensor,
+                      batch_size: int) -> tf.Tensor:
+        """SAMPLE (Cohen et al.): votes of f over ``num_samples`` noisy copies of each image.
+
+        images ``[B, H, W, C]`` float32, seed a stateless seed ``[2]`` int64 (one noise stream).
+        All B·num_samples noise samples are processed in chunks of ``batch_size`` by one
+        ``tf.while_loop`` (several images per chunk when num_samples < batch_size); sample j of
+        image i is drawn from the stream at a position fixed by (i·num_samples + j) (module
+        docstring). Returns int64 counts ``[B, num_classes]``. With ``jit_compile`` the loop is
+        an XLA-compiled function (validation stays outside it: XLA drops assertions).
+        """
+        images = tf.convert_to_tensor(images, tf.float32)
+        if self.jit_compile:
+            return self._compiled_sampling(images, tf.cast(seed, tf.int64), num_samples, batch_size)
+        return self._sampling_loop(images, seed, num_samples, batch_size)
+
+    def _sampling_loop(self, images: tf.Tensor, seed: tf.Tensor, num_samples: int,
+                       batch_size: int) -> tf.Tensor:
+        """The ``tf.while_loop`` over chunks of :meth:`sample_counts`."""
+        num_inputs = tf.shape(images, out_type=tf.int64)[0]
+        total = num_inputs * num_samples
+        chunk = tf.minimum(tf.constant(batch_size, tf.int64), total)
+        num_chunks = (total + chunk - 1) // chunk
+        key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=tf.cast(seed, tf.int64))
+        static_pixels = images.shape[1:]
+        aligned = static_pixels.is_fully_defined() and static_pixels.num_elements() % 4 == 0
+        pixels_shape = tf.shape(images, out_type=tf.int64)[1:]
+        pixels = tf.reduce_prod(pixels_shape)
+        padded = (pixels + 3) // 4 * 4  # Philox emits normals in groups of 4: align every sample
+
+        def body(c, counts):
+            start = c * chunk
+            sample_index = start + tf.range(chunk, dtype=tf.int64)
+            owner = tf.minimum(sample_index // num_samples, num_inputs - 1)
+            offset = tf.stack([start * (padded // 4), tf.constant(0, tf.int64)])
+            shifted = tf.bitcast(tf.bitcast(counter, tf.int64) + offset, tf.uint64)
+            if aligned:  # D = 4k: draw [chunk, H, W, C] directly (same elements, no copy)
+                noise = tf.raw_ops.StatelessRandomNormalV2(
+                    shape=tf.concat([[chunk], pixels_shape], axis=0), key=key, counter=shifted,
+                    alg=_PHILOX, dtype=tf.float32)
+            else:
+                noise = tf.raw_ops.StatelessRandomNormalV2(
+                    shape=tf.stack([chunk, padded]), key=key, counter=shifted, alg=_PHILOX,
+                    dtype=tf.float32)
+                noise = tf.reshape(noise[:, :pixels], tf.concat([[chunk], pixels_shape], axis=0))
+            noise = tf.ensure_shape(noise, [None, *static_pixels])
+            votes = self._votes(tf.gather(images, owner) + self.sigma * noise)
+            votes *= tf.cast(sample_index < total, tf.int32)[:, tf.newaxis]  # padding of last chunk
+            counts += tf.cast(tf.math.unsorted_segment_sum(votes, owner, num_inputs), tf.int64)
+            return c + 1, counts
+
+        counts = tf.zeros(tf.stack([num_inputs, tf.constant(self.num_classes, tf.int64)]), tf.int64)
+        _, counts = tf.while_loop(lambda c, _: c < num_chunks, body,
+                                  (tf.constant(0, tf.int64), counts),
+                                  shape_invariants=(tf.TensorShape([]),
+                                                    tf.TensorShape([None, self.num_classes])),
+                                  parallel_iterations=self.parallel_iterations)
+        return counts
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _votes(self, noisy_images: tf.Tensor) -> tf.Tensor:
+        """One-hot votes of f = argmax of the (possibly reduced-precision) network ``[b, C]``."""
+        scores = self.network(noisy_images, training=False)
+        return tf.one_hot(tf.argmax(scores, axis=-1, output_type=tf.int32), self.num_classes,
+                          dtype=tf.int32)
+
+    def _function(self, kind: str, **settings: Any):
+        """One cached ``tf.function`` per (kind, n0, n, alpha, batch_size): no retrace per call."""
+        key = (kind, *sorted(settings.items()))
+        if key not in self._functions:
+            shape = [None, *(self.image_shape or (None, None, None))]
+            graph = self.certify_graph if kind == "certify" else self.predict_graph
+
+            def run(images, seed):
+                return graph(images, seed, **settings)
+
+            self._functions[key] = tf.function(
+                run,
+                input_signature=[tf.TensorSpec(shape, tf.float32), tf.TensorSpec([], tf.int64)])
+        return self._functions[key]
+
+
+def reduced_precision_copy(network: keras.Model, dtype: str) -> keras.Model:
+    """A copy of a Functional/Sequential Keras network under the ``mixed_<dtype>`` policy, same
+    weights (float32 variables, ``dtype`` compute): the classifier f_<dtype> that gets certified."""
+    policy = f"mixed_{dtype}"
+
+    def clone_layer(layer):
+        config = layer.get_config()
+        if not isinstance(layer, keras.layers.InputLayer):
+            config["dtype"] = policy
+        return layer.__class__.from_config(config)
+
+    try:
+        copy = keras.models.clone_model(network, clone_function=clone_layer, recursive=True)
+    except Exception as error:  # subclassed models cannot be cloned layer by layer
+        raise fail(f"cannot build a {dtype} copy of {type(network).__name__} ({error})",
+                   f"Pass a Functional or Sequential Keras model, or build the network in "
+                   f"{dtype} yourself and use inference_dtype=None.") from error
+    copy.set_weights(network.get_weights())
+    return copy
+
+
+def _stream_seed(seed: tf.Tensor, stage: int) -> tf.Tensor:
+    """Stateless seed ``[2]`` of one noise stream (selection / estimation / PREDICT) of ``seed``."""
+    return tf.stack([tf.cast(seed, tf.int64), tf.constant(stage, tf.int64)])
+
+
+def _expected_image_shape(network: keras.Model) -> tuple[int | None, ...] | None:
+    inputs = getattr(network, "inputs", None)
+    if not inputs:
+        return None
+    shape = tuple(inputs[0].shape)
+    if len(shape) != 4:
+        raise fail(f"the base network takes inputs of shape {shape}, not images [batch, H, W, C]",
+                   "Pass an image classifier (a Keras model on [batch, height, width, channels]).")
+    return shape[1:]
+
+
+def _static_output_classes(network: keras.Model) -> int | None:
+    outputs = getattr(network, "outputs", None)
+    if not outputs:
+        return None
+    return outputs[0].shape[-1]
+
+
+def _as_int(value: Any) -> Any:
+    """NumPy integers -> int (so that the shared checks accept them); anything else unchanged."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _as_float(value: Any) -> Any:
+    """NumPy reals -> float (so that the shared checks accept them); anything else unchanged."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _check_settings_common(n: int, alpha: float, batch_size: int) -> None:
+    check_int_at_least("n (estimation noise samples)", _as_int(n), 1,
+                       "Pass n >= 1 noise samples, e.g. n=100000 (the paper's setting).")
+    check_open_unit("alpha (failure probability)", _as_float(alpha),
+                    "Pass alpha in (0, 1), e.g. alpha=0.001 (the paper's setting).")
+    check_int_at_least("batch_size (noise samples per network call)", _as_int(batch_size), 1,
+                       "Pass batch_size >= 1, e.g. 1000.")
+
+
+def _check_certify_settings(n0: int, n: int, alpha: float, batch_size: int) -> None:
+    check_int_at_least("n0 (selection noise samples)", _as_int(n0), 1,
+                       "Pass n0 >= 1, e.g. n0=100 (the paper's setting).")
+    _check_settings_common(n, alpha, batch_size)
+
+
+def _check_predict_settings(n: int, alpha: float, batch_size: int) -> None:
+    _check_settings_common(n, alpha, batch_size)
+
+
+def _check_seed(seed: Any) -> int:
+    seed = _as_int(seed)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise fail(f"seed must be an integer in [0, 2**63), got {seed!r}", "Pass e.g. seed=0.")
+    return seed
+
+
+__all__ = ["ABSTAIN", "Smooth", "SmoothMixError", "binomial_test_two_sided",
+           "clopper_pearson_lower", "reduced_precision_copy"]
