@@ -416,8 +416,9 @@ class Smooth:
             def run(images, seed):
                 return graph(images, seed, **settings)
 
+            # the graph code uses explicit tf.while_loop: nothing for AutoGraph to convert
             self._functions[key] = tf.function(
-                run,
+                run, autograph=False,
                 input_signature=[tf.TensorSpec(shape, tf.float32), tf.TensorSpec([], tf.int64)])
         return self._functions[key]
 
