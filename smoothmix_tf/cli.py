@@ -118,8 +118,10 @@ def cmd_train(args) -> int:
     else:
         config = train_config_from_args(args)
     print(f"training {config.objective} on {config.dataset}, σ={config.sigma} -> {out}")
-    training.train(config, out, resume=args.resume, verbose=0 if args.quiet else 1)
-    print(f"done: {out / 'checkpoint.keras'}")
+    model = training.train(config, out, resume=args.resume, verbose=0 if args.quiet else 1)
+    from smoothmix_tf.distribute import worker_run_dir
+
+    print(f"done: {worker_run_dir(out, model.distribute_strategy) / 'checkpoint.keras'}")
     return 0
 
 

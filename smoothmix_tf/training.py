@@ -23,7 +23,8 @@ from smoothmix_tf import architectures, datasets, objectives
 from smoothmix_tf.analysis import atomic_write_text
 from smoothmix_tf._checks import (check_choice, check_int_at_least,
                                   check_non_negative, check_positive, fail)
-from smoothmix_tf.distribute import STRATEGIES, make_strategy
+from smoothmix_tf.distribute import (STRATEGIES, enable_multiworker_fit, make_strategy,
+                                     shard_by_data, worker_run_dir)
 from smoothmix_tf.model import SmoothedModel
 
 
@@ -157,9 +158,10 @@ class EpochProgress(keras.callbacks.Callback):
 
 def _epoch_dataset(config: TrainConfig, epoch: int):
     """Training data of one epoch: its shuffle and augmentation depend only on (seed, epoch)."""
-    return datasets.load(config.dataset, "train", config.batch_size, shuffle=True,
-                         seed=config.seed * 100_003 + epoch, data_dir=config.data_dir,
-                         limit=config.train_limit, drop_remainder=True)
+    return shard_by_data(datasets.load(config.dataset, "train", config.batch_size, shuffle=True,
+                                       seed=config.seed * 100_003 + epoch,
+                                       data_dir=config.data_dir, limit=config.train_limit,
+                                       drop_remainder=True))
 
 
 def _steps_per_epoch(config: TrainConfig) -> int:
@@ -197,7 +199,9 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, verbose: i
           callbacks: list[keras.callbacks.Callback] | None = None) -> SmoothedModel:
     """Run (or resume) a training run into ``out``; returns the trained ``SmoothedModel``."""
     config.validate()
-    run_dir = Path(out)
+    # First TensorFlow call: a multi-worker strategy must exist before any other op runs.
+    strategy = make_strategy(config.strategy)
+    run_dir = worker_run_dir(out, strategy)  # `out` on the chief, out/worker-K on worker K
     if (run_dir / "checkpoint.keras").exists() and not resume:
         raise fail(f"{run_dir} already holds a training run",
                    "Pass --resume to continue it, or choose another --out folder.")
@@ -209,13 +213,14 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, verbose: i
                        "Resume with the same settings (or start a new --out folder).")
     atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2))
 
-    strategy = make_strategy(config.strategy)
     steps = _steps_per_epoch(config)
     start = completed_epochs(run_dir) if resume else 0
     with strategy.scope():
         model = load_checkpoint(run_dir) if start > 0 else build_model(config, steps)
-    test_ds = datasets.load(config.dataset, "test", config.batch_size, shuffle=False,
-                            data_dir=config.data_dir, limit=config.test_limit)
+    enable_multiworker_fit(model, strategy)  # keras-team/keras#20585; no-op on one worker
+    test_ds = shard_by_data(datasets.load(config.dataset, "test", config.batch_size,
+                                          shuffle=False, data_dir=config.data_dir,
+                                          limit=config.test_limit))
     if start == 0 and (run_dir / "history.csv").exists():
         (run_dir / "history.csv").unlink()  # left by a run interrupted in its first epoch
     logs_cb = [keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
