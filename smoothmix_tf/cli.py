@@ -315,13 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_analyze(sub)
     _add_quickstart(sub)
-    for extra in ("smoothmix_tf.serving", "smoothmix_tf.tuning"):
-        try:
-            module = __import__(extra, fromlist=["add_cli"])
-        except ImportError:
-            continue
-        if hasattr(module, "add_cli"):
-            module.add_cli(sub)
+    from smoothmix_tf import serving, tuning  # their sub-commands live beside their code
+
+    serving.add_cli(sub)
+    tuning.add_cli(sub)
     return parser
 
 

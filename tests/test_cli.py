@@ -9,7 +9,7 @@ import pytest
 from smoothmix_tf import analysis
 from smoothmix_tf.cli import build_parser, main
 
-COMMANDS = ["train", "certify", "predict", "analyze", "quickstart"]
+COMMANDS = ["train", "certify", "predict", "analyze", "quickstart", "export", "tune"]
 
 
 @pytest.fixture(scope="module")

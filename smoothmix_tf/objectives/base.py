@@ -20,6 +20,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from smoothmix_tf import noise as noise_lib
 from smoothmix_tf._checks import check_choice, check_int_at_least
 
 REGISTRY: dict[str, type["Objective"]] = {}
@@ -52,7 +53,8 @@ class Objective:
 
     # -- randomness -------------------------------------------------------------------------
     def draw(self, x: tf.Tensor, sigma: float, seed: tf.Tensor) -> dict[str, tf.Tensor]:
-        raise NotImplementedError
+        """Default: only the noise δ_1..δ_m ``[m, b, ...]`` (methods with more draws override)."""
+        return {"noise": noise_lib.gaussian_noise(x, self.noise_samples, sigma, seed)}
 
     # -- math -------------------------------------------------------------------------------
     def loss(self, network: keras.Model, x: tf.Tensor, y: tf.Tensor, draws: dict[str, tf.Tensor],

@@ -41,9 +41,6 @@ class Consistency(Objective):
         self.entropy_weight = check_non_negative("entropy_weight (η')", entropy_weight,
                                                  "η' weights the entropy term, e.g. 0.5.")
 
-    def draw(self, x, sigma, seed):
-        return {"noise": noise_lib.gaussian_noise(x, self.noise_samples, sigma, seed)}
-
     def loss(self, network, x, y, draws, epoch, sigma):
         noise = draws["noise"]
         m = noise.shape[0] or self.noise_samples

@@ -20,9 +20,6 @@ class Gaussian(Objective):
     def __init__(self, noise_samples: int = 1):
         super().__init__(noise_samples)
 
-    def draw(self, x, sigma, seed):
-        return {"noise": noise_lib.gaussian_noise(x, self.noise_samples, sigma, seed)}
-
     def loss(self, network, x, y, draws, epoch, sigma):
         noise = draws["noise"]
         m = noise.shape[0] or self.noise_samples

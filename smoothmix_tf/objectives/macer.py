@@ -53,9 +53,6 @@ class MACER(Objective):
         self.deferred_until_epoch = check_int_at_least("deferred_until_epoch",
                                                        deferred_until_epoch, 0)
 
-    def draw(self, x, sigma, seed):
-        return {"noise": noise_lib.gaussian_noise(x, self.noise_samples, sigma, seed)}
-
     def loss(self, network, x, y, draws, epoch, sigma):
         noise = draws["noise"]
         m = noise.shape[0] or self.noise_samples

@@ -35,9 +35,6 @@ class SmoothAdv(Objective):
                                                "SmoothAdv uses T = 10 PGD steps.")
         self.warmup_epochs = check_int_at_least("warmup_epochs", warmup_epochs, 0)
 
-    def draw(self, x, sigma, seed):
-        return {"noise": noise_lib.gaussian_noise(x, self.noise_samples, sigma, seed)}
-
     def loss(self, network, x, y, draws, epoch, sigma):
         noise = draws["noise"]
         m = noise.shape[0] or self.noise_samples

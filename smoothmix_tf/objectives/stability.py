@@ -27,9 +27,6 @@ class Stability(Objective):
         super().__init__(noise_samples)
         self.lam = check_non_negative("lam (λ)", lam, "λ weights the stability term, e.g. 2.0.")
 
-    def draw(self, x, sigma, seed):
-        return {"noise": noise_lib.gaussian_noise(x, self.noise_samples, sigma, seed)}
-
     def loss(self, network, x, y, draws, epoch, sigma):
         noise = draws["noise"]
         m = noise.shape[0] or self.noise_samples
