@@ -20,6 +20,8 @@ SmoothMix and certified randomized smoothing for Keras / TensorFlow.
   smoothmix train --preset mnist-smoothmix-eta5-s1.00 --out runs/sm
   smoothmix certify --checkpoint runs/sm --out runs/sm/certify.tsv
   smoothmix analyze runs/sm/certify.tsv --plot runs/sm/certify.png
+  smoothmix export --checkpoint runs/sm --out models/sm/1     SavedModel for TF Serving
+  smoothmix tune --sigma 0.5 --max-trials 8 --directory tuning/sm
 """
 
 
@@ -178,35 +180,15 @@ def _add_predict(sub) -> None:
     p.set_defaults(func=cmd_certify_or_predict, certify=False)
 
 
-def load_base_network(checkpoint: str | Path):
-    """(base network, training config or None) from a run folder or a .keras file."""
-    import keras
-
-    from smoothmix_tf.model import SmoothedModel
-    from smoothmix_tf.training import TrainConfig, load_checkpoint
-
-    path = Path(checkpoint)
-    config = None
-    if path.is_dir():
-        model = load_checkpoint(path)
-        if (path / "config.json").exists():
-            config = TrainConfig.from_dict(json.loads((path / "config.json").read_text()))
-    elif path.exists() and path.suffix == ".keras":
-        model = keras.models.load_model(path)
-    else:
-        raise fail(f"no checkpoint at {path}",
-                   "Pass a training run folder (smoothmix train --out DIR) or a .keras file.")
-    if isinstance(model, SmoothedModel):
-        return model.base, config, model.sigma
-    return model, config, None
-
-
 def cmd_certify_or_predict(args) -> int:
     from smoothmix_tf import datasets
     from smoothmix_tf.certify import Smooth
     from smoothmix_tf.evaluation import run_certification
 
-    base, config, trained_sigma = load_base_network(args.checkpoint)
+    from smoothmix_tf.training import TrainConfig, load_trained
+
+    base, trained_sigma, run_config = load_trained(args.checkpoint)
+    config = TrainConfig.from_dict(run_config) if run_config else None
     sigma = args.sigma if args.sigma is not None else trained_sigma
     if sigma is None:
         raise fail("σ is unknown for this checkpoint", "Pass --sigma.")

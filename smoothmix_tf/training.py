@@ -190,6 +190,25 @@ def load_checkpoint(run_dir: str | Path) -> SmoothedModel:
     return keras.models.load_model(path)
 
 
+def load_trained(checkpoint: str | Path) -> tuple[keras.Model, float | None, dict | None]:
+    """(base network, trained σ or None, run config dict or None) from a run folder or a ``.keras``
+    file (a ``SmoothedModel`` or a plain base network) — what certification and export start from."""
+    path = Path(checkpoint)
+    run_config = None
+    if path.is_dir():
+        model = load_checkpoint(path)
+        if (path / "config.json").exists():
+            run_config = json.loads((path / "config.json").read_text())
+    elif path.is_file() and path.suffix == ".keras":
+        model = keras.models.load_model(path)
+    else:
+        raise fail(f"no checkpoint at {path}",
+                   "Pass a training run folder (smoothmix train --out DIR) or a .keras file.")
+    if isinstance(model, SmoothedModel):
+        return model.base, model.sigma, run_config
+    return model, None, run_config
+
+
 def completed_epochs(run_dir: Path) -> int:
     state = Path(run_dir) / "state.json"
     return json.loads(state.read_text())["epochs_completed"] if state.exists() else 0
