@@ -125,3 +125,16 @@ def test_mixed_precision_computes_low_and_keeps_losses_float32(tmp_path, tiny_np
     loss, logs = obj.loss(model.base, tf.constant(x), tf.constant([0, 1, 2, 3], tf.int64), draws,
                           tf.constant(9.0), 0.25)
     assert loss.dtype == tf.float32 and np.isfinite(loss.numpy())
+
+
+def test_short_smoothmix_run_on_mnist5k_lowers_loss_and_raises_noisy_accuracy(tmp_path):
+    cfg = TrainConfig(dataset="mnist5k", architecture="lenet", sigma=0.5, epochs=3, batch_size=32,
+                      lr=0.05, lr_decay_epochs=[], seed=0, train_limit=320, test_limit=200,
+                      objective={"method": "smoothmix", "noise_samples": 2, "attack_steps": 2,
+                                 "step_size": 1.0, "eta": 5.0, "warmup_epochs": 1})
+    train(cfg, tmp_path / "sm", verbose=0)
+    rows = list(csv.DictReader(open(tmp_path / "sm" / "history.csv")))
+    assert float(rows[-1]["loss_nat"]) < float(rows[0]["loss_nat"])
+    assert float(rows[-1]["noisy_accuracy"]) > float(rows[0]["noisy_accuracy"])
+    assert float(rows[-1]["val_noisy_accuracy"]) > 0.5  # ten balanced digits: chance is 0.1
+    assert 0.0 < float(rows[-1]["adv_distance"]) <= 2.0 + 1e-4  # T·α, clipping can only shorten
