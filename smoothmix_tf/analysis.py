@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import io
 import os
 import re
 import tempfile
@@ -499,15 +500,7 @@ def plot_certified_accuracy(results: Mapping[str, CertificationResult], path: st
         axes.set_title(title)
     figure.tight_layout()
 
-    path = Path(path)
-    fd, tmp = _new_temp(path)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            figure.savefig(handle, format="png")
-        _finish_temp(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return atomic_write_bytes(path, buffer.getvalue())
 
