@@ -167,6 +167,14 @@ def test_fresh_process_imports_only_tensorflow(served, model_base):
                                                   "smoothmix.json").resolve()
 
 
+def request_inputs(name, images, images_uint8):
+    """(per-image seeds, [0,1] pixels) a signature called ``name`` was sent in the fixture."""
+    seeds = SEEDS if "_seeded" in name else np.full(len(images), SEED)
+    if name.endswith("_uint8"):
+        return seeds, images_uint8.astype(np.float32) / np.float32(255)
+    return seeds, images
+
+
 def test_every_signature_is_served(served):
     _, outputs = served
     assert {key.split("/")[0] for key in outputs} - {"alone"} == SIGNATURES
@@ -176,9 +184,7 @@ def test_every_signature_is_served(served):
                                   "certify_seeded_uint8"])
 def test_served_certify_equals_library(served, smooth, images, images_uint8, name):
     _, outputs = served
-    seeds = SEEDS if "_seeded" in name else np.full(len(images), SEED)
-    pixels = images_uint8.astype(np.float32) / np.float32(255) if name.endswith("_uint8") \
-        else images
+    seeds, pixels = request_inputs(name, images, images_uint8)
     expected = library_certify(smooth, pixels, seeds)
     if name == "certify":  # the test is only meaningful with both outcomes present
         assert (expected["classes"] >= 0).any() and (expected["classes"] < 0).any(), expected
@@ -197,9 +203,7 @@ def test_served_certify_equals_library(served, smooth, images, images_uint8, nam
                                   "predict_uint8", "predict_seeded_uint8"])
 def test_served_predict_equals_library(served, smooth, images, images_uint8, name):
     _, outputs = served
-    seeds = SEEDS if "_seeded" in name else np.full(len(images), SEED)
-    pixels = images_uint8.astype(np.float32) / np.float32(255) if name.endswith("_uint8") \
-        else images
+    seeds, pixels = request_inputs(name, images, images_uint8)
     expected = library_predict(smooth, pixels, seeds)
     for key in PREDICT_KEYS:
         np.testing.assert_array_equal(outputs[f"{name}/{key}"], expected[key], err_msg=key)
