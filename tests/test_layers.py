@@ -1,0 +1,109 @@
+"""smoothmix_tf.layers: the fast-input-gradient Conv2D equals keras.layers.Conv2D in values and in
+both gradients (against TensorFlow's own kernels and a NumPy col2im written independently)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from smoothmix_tf import architectures, layers
+
+
+def numpy_input_gradient(upstream: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """dx[b, p+i, q+j, c] += Σ_o dy[b, p, q, o]·W[i, j, c, o], by explicit loops over (i, j)."""
+    kh, kw, channels, _ = kernel.shape
+    b, oh, ow, _ = upstream.shape
+    dx = np.zeros((b, oh + kh - 1, ow + kw - 1, channels))
+    for i in range(kh):
+        for j in range(kw):
+            dx[:, i:i + oh, j:j + ow, :] += np.einsum("bpqo,co->bpqc", upstream, kernel[i, j])
+    return dx
+
+
+@pytest.mark.parametrize("shape,kernel_shape", [((3, 28, 28, 1), (5, 5, 1, 20)),
+                                                ((2, 9, 7, 3), (3, 2, 3, 4))])
+def test_input_gradient_matches_numpy_and_tensorflow(shape, kernel_shape):
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.random(shape))
+    kernel = tf.constant(rng.normal(size=kernel_shape))
+    out_shape = (shape[0], shape[1] - kernel_shape[0] + 1, shape[2] - kernel_shape[1] + 1,
+                 kernel_shape[3])
+    upstream = rng.normal(size=out_shape)
+    ours = layers.conv2d_input_gradient(tf.constant(upstream), kernel).numpy()
+    np.testing.assert_allclose(ours, numpy_input_gradient(upstream, kernel.numpy()),
+                               rtol=1e-12, atol=1e-12)
+
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, kernel])
+        reference = tf.reduce_sum(tf.nn.conv2d(x, kernel, 1, "VALID") * upstream)
+        fast = tf.reduce_sum(layers.conv2d_valid(x, kernel) * upstream)
+    np.testing.assert_allclose(fast.numpy(), reference.numpy(), rtol=1e-13)
+    for ref_grad, fast_grad in zip(tape.gradient(reference, [x, kernel]),
+                                   tape.gradient(fast, [x, kernel])):
+        np.testing.assert_allclose(fast_grad.numpy(), ref_grad.numpy(), rtol=1e-11, atol=1e-12)
+
+
+def keras_twin(layer: keras.layers.Conv2D, input_shape, dtype) -> keras.Model:
+    """The same layer (config and weights) as a plain keras.layers.Conv2D."""
+    inputs = keras.Input(input_shape, dtype=dtype)
+    twin = keras.layers.Conv2D.from_config(layer.get_config())
+    outputs = twin(inputs)
+    twin.set_weights(layer.get_weights())
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-5)])
+def test_lenet_conv1_equals_keras_conv_in_values_and_gradients(dtype, tol):
+    keras.utils.set_random_seed(1)
+    net = architectures.lenet(dtype=dtype)
+    conv1 = net.get_layer("conv1")
+    assert isinstance(conv1, layers.Conv2D) and conv1._fast_path(tf.zeros([1, 28, 28, 1]))
+    twin = keras_twin(conv1, (28, 28, 1), dtype)
+    x = tf.constant(np.random.default_rng(2).random((4, 28, 28, 1)), dtype)
+    weights = tf.constant(np.random.default_rng(3).normal(size=(4, 24, 24, 20)), dtype)
+    results = []
+    for layer in (conv1, twin):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = layer(x)
+            objective = tf.reduce_sum(out * weights)
+        grads = tape.gradient(objective, [x, *layer.trainable_weights])
+        results.append([out, *grads])
+    for ours, theirs in zip(*results):
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=tol, atol=tol)
+
+
+def test_falls_back_to_keras_kernel_where_not_faster():
+    wide = layers.Conv2D(4, 3)  # 20 input channels: TensorFlow's kernel
+    wide.build((None, 8, 8, 20))
+    assert not wide._fast_path(tf.zeros([1, 8, 8, 20]))
+    strided = layers.Conv2D(4, 3, strides=2)
+    assert not strided._fast_path(tf.zeros([1, 8, 8, 1]))
+    same = layers.Conv2D(4, 3, padding="same")
+    assert not same._fast_path(tf.zeros([1, 8, 8, 1]))
+    x = tf.constant(np.random.default_rng(0).random((2, 8, 8, 1)), tf.float32)
+    out = same(x)
+    np.testing.assert_allclose(out.numpy(), keras_twin(same, (8, 8, 1), "float32")(x).numpy(),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_mixed_bfloat16_and_save_load(tmp_path):
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        net = architectures.lenet()
+    finally:
+        keras.config.set_dtype_policy("float32")
+    x = tf.constant(np.random.default_rng(0).random((2, 28, 28, 1)), tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        logits = net(x)
+        objective = tf.reduce_sum(tf.cast(logits, tf.float32))
+    grad = tape.gradient(objective, x)
+    assert logits.dtype == tf.bfloat16 and grad.dtype == tf.float32
+    assert np.all(np.isfinite(grad.numpy())) and np.any(grad.numpy() != 0)
+
+    path = tmp_path / "lenet.keras"
+    net.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded.get_layer("conv1"), layers.Conv2D)
+    np.testing.assert_array_equal(loaded(x).numpy(), net(x).numpy())
