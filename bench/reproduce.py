@@ -578,12 +578,46 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def source_version() -> dict[str, Any]:
+    """The repository's commit and whether the working tree differs from it (None without git)."""
+    import subprocess
+
+    def git(*command: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True,
+                                  timeout=30, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip()
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": None if status is None else bool(status)}
+
+
+def environment_record() -> dict[str, Any]:
+    """Where and with what this invocation ran: source version, packages, machine (nothing that
+    changes between two invocations on one checkout, so a resumed run rewrites nothing)."""
+    import platform
+    from importlib import metadata
+
+    packages = {}
+    for name in ("tensorflow", "keras", "tensorflow-probability", "numpy"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    return {**source_version(), "python": platform.python_version(), "packages": packages,
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
+
+
 def command_record(argv: Sequence[str], args: argparse.Namespace, configs: dict[str, dict],
                    references: Sequence[Path]) -> dict[str, Any]:
-    """reproduce.json: the command line, the resolved flags and every run's configuration."""
+    """reproduce.json: the command line, the resolved flags, every run's configuration and the
+    environment of this (latest) invocation."""
     script = os.path.relpath(Path(__file__).resolve(), Path.cwd())
     return {"command": shlex.join([sys.executable, script, *argv]), "cwd": os.getcwd(),
-            "argv": list(argv), "args": vars(args),
+            "environment": environment_record(), "argv": list(argv), "args": vars(args),
             "schedule": ("compressed into --epochs: lr decays at round(B/3), round(2B/3); "
                          "warmup_epochs scaled by B/E (>= 1); MACER deferred_until_epoch -> first "
                          "decay; --set applied last" if args.epochs is not None

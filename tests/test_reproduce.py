@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,13 @@ def test_results_folder_holds_every_output(results):
     record = json.loads((results / "reproduce.json").read_text())
     assert record["argv"] == argv(results)
     assert set(record["configs"]) == set(PRESETS)
+    environment = record["environment"]
+    import tensorflow as tf
+    assert environment["packages"]["tensorflow"] == tf.__version__
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout: the commit the results were made with
+        assert environment["git_commit"] == head.stdout.strip()
+        assert isinstance(environment["git_dirty"], bool)
 
 
 def test_results_table_matches_the_tsvs(results):
