@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--resnet-steps", type=int, default=3, help="steps per timed run (ResNet-110)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per workload (median)")
     p.add_argument("--jit-compile", action="store_true", help="XLA (slower on this CPU, FACTS.md)")
+    p.add_argument("--mixed-precision", action="store_true",
+                   help="the network in bfloat16 (CPU) / float16 (GPU), as `smoothmix train "
+                        "--mixed-precision`; float32 otherwise")
     p.add_argument("--max-foreign", type=float, default=0.3,
                    help="foreign CPU cores tolerated before waiting (default 0.3)")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for an idle machine")
@@ -63,16 +66,25 @@ def measure(name: str, args) -> dict:
     from smoothmix_tf import presets
     from smoothmix_tf.architectures import get as get_architecture
     from smoothmix_tf.model import SmoothedModel
-    from smoothmix_tf.training import TrainConfig, make_optimizer
+    from smoothmix_tf.training import TrainConfig, make_optimizer, mixed_precision_policy
 
     preset, reference = WORKLOADS[name]
     config = TrainConfig.from_dict(presets.load_preset(preset))
     shape, classes = ((28, 28, 1), 10) if config.architecture == "lenet" else ((32, 32, 3), 10)
     steps = args.resnet_steps if "resnet" in config.architecture else args.steps
     keras.utils.set_random_seed(0)
-    base = get_architecture(config.architecture, num_classes=classes, input_shape=shape)
+    previous = keras.config.dtype_policy()
+    if args.mixed_precision:
+        keras.config.set_dtype_policy(mixed_precision_policy())
+    try:
+        base = get_architecture(config.architecture, num_classes=classes, input_shape=shape)
+    finally:
+        keras.config.set_dtype_policy(previous)
     model = SmoothedModel(base, sigma=config.sigma, objective=config.make_objective())
-    model.compile(optimizer=make_optimizer(config, 100), jit_compile=args.jit_compile)
+    optimizer = make_optimizer(config, 100)
+    if base.dtype_policy.name == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    model.compile(optimizer=optimizer, jit_compile=args.jit_compile)
     rng = np.random.default_rng(0)
     n = config.batch_size * steps
     x = rng.random((n, *shape), dtype=np.float32)
@@ -100,7 +112,8 @@ def measure(name: str, args) -> dict:
     # training, where it is ~1 % of an MNIST epoch); the rate counts the steps themselves.
     rate = n / median([sum(t) for t in step_times])
     wall_rate = n / median(times)
-    return {"workload": name, "preset": preset, "batch_size": config.batch_size,
+    return {"workload": name, "preset": preset, "precision": base.dtype_policy.name,
+            "batch_size": config.batch_size,
             "noise_samples": config.make_objective().noise_samples, "images_per_s": rate,
             "images_per_s_whole_fit_call": wall_rate,
             "reference_images_per_s": reference,
@@ -111,7 +124,8 @@ def measure(name: str, args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     rows = [measure(name, args) for name in (args.only or list(WORKLOADS))]
-    print(f"\nmachine: {machine_line()}; medians of {args.repeats} runs; XLA={args.jit_compile}\n")
+    print(f"\nmachine: {machine_line()}; medians of {args.repeats} runs; XLA={args.jit_compile}; "
+          f"precision: {rows[0]['precision'] if rows else '—'}\n")
     print("| workload | preset | clean images/step | images/s | reference (PyTorch) | ratio |"
           " whole fit call images/s | max foreign cores |")
     print("|---|---|---|---|---|---|---|---|")
