@@ -97,7 +97,7 @@ def _conv(x, filters: int, kernel: int, stride: int, name: str, dtype):
 
 
 def _bn(x, name: str, dtype):
-    return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)(x)
+    return fast_layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)(x)
 
 
 def _relu(x, name: str, dtype):

@@ -107,3 +107,55 @@ def test_mixed_bfloat16_and_save_load(tmp_path):
     loaded = keras.saving.load_model(path)
     assert isinstance(loaded.get_layer("conv1"), layers.Conv2D)
     np.testing.assert_array_equal(loaded(x).numpy(), net(x).numpy())
+
+
+def keras_bn_twin(layer: keras.layers.BatchNormalization) -> keras.layers.BatchNormalization:
+    twin = keras.layers.BatchNormalization.from_config(layer.get_config())
+    twin.build((None, 1, 1, layer.moving_mean.shape[0]))
+    twin.set_weights(layer.get_weights())
+    return twin
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_batch_norm_equals_keras_in_values_gradients_and_statistics(training):
+    rng = np.random.default_rng(0)
+    channels = 5
+    layer = layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+    layer.build((None, 6, 7, channels))
+    layer.set_weights([rng.normal(size=channels) + 1, rng.normal(size=channels),
+                       rng.normal(size=channels), rng.random(channels) + 0.5])
+    twin = keras_bn_twin(layer)
+    x = tf.constant(rng.normal(size=(4, 6, 7, channels)) * 3 + 1, tf.float32)
+    upstream = tf.constant(rng.normal(size=(4, 6, 7, channels)), tf.float32)
+    results = []
+    for bn in (layer, twin):
+        before = [w.numpy() for w in bn.non_trainable_weights]
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = bn(x, training=training)
+            objective = tf.reduce_sum(out * upstream)
+        grads = tape.gradient(objective, [x, *bn.trainable_weights])
+        results.append((out, grads, before, [w.numpy() for w in bn.non_trainable_weights]))
+    (out, grads, before, after), (k_out, k_grads, _, k_after) = results
+    np.testing.assert_allclose(out.numpy(), k_out.numpy(), rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(grads, k_grads):
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-4, atol=1e-4)
+    if not training:  # inference: the moving statistics are read, never written
+        for b, a in zip(before, after):
+            np.testing.assert_array_equal(a, b)
+        return
+    # moving statistics: 0.9·old + 0.1·batch, the variance unbiased (PyTorch's BatchNorm2d)
+    flat = x.numpy().reshape(-1, channels).astype(np.float64)
+    np.testing.assert_allclose(after[0], 0.9 * before[0] + 0.1 * flat.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(after[1], 0.9 * before[1] + 0.1 * flat.var(0, ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(k_after[1], 0.9 * before[1] + 0.1 * flat.var(0, ddof=0),
+                               rtol=1e-5)  # Keras's own: biased (the documented difference)
+
+
+def test_batch_norm_float64_and_other_ranks_use_keras():
+    bn = layers.BatchNormalization()
+    assert not bn._fused_path(tf.zeros([2, 3, 3, 4], tf.float64), None)
+    assert not bn._fused_path(tf.zeros([2, 4]), None)
+    assert bn._fused_path(tf.zeros([2, 3, 3, 4]), None)
+    resnet = architectures.cifar_resnet(8)
+    assert isinstance(resnet.get_layer("bn1"), layers.BatchNormalization)
