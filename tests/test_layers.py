@@ -1,5 +1,5 @@
 """smoothmix_tf.layers: the fast-input-gradient Conv2D equals keras.layers.Conv2D in values and in
-both gradients (against TensorFlow's own kernels and a NumPy col2im written independently)."""
+both gradients (against TensorFlow's own kernels and a NumPy shift-and-add written independently)."""
 
 import keras
 import numpy as np
