@@ -64,6 +64,7 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def machine_line() -> str:
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"load {os.getloadavg()[0]:.2f}")
+def machine_line(load: bool = True) -> str:
+    """Processor and core count, and the 1-minute load average unless ``load=False``."""
+    line = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return f"{line}, load {os.getloadavg()[0]:.2f}" if load else line

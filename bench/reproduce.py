@@ -608,7 +608,7 @@ def environment_record() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             packages[name] = None
     return {**source_version(), "python": platform.python_version(), "packages": packages,
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
+            "machine": machine_line(load=False)}
 
 
 def command_record(argv: Sequence[str], args: argparse.Namespace, configs: dict[str, dict],
