@@ -47,9 +47,14 @@ def smoothed_nll(network, x_adv: tf.Tensor, y: tf.Tensor, noise: tf.Tensor,
 
     One network call on all m·b noisy copies; logits are cast to float32 (float64 for float64 x).
     """
-    m = noise.shape[0]
     logits = network(noise_lib.add_noise_tiled(x_adv, noise), training=training)
-    probs = noise_lib.smoothed_probabilities(tf.cast(logits, loss_dtype_for(x_adv)), m)
+    return smoothed_nll_from_logits(logits, y, noise.shape[0], loss_dtype_for(x_adv))
+
+
+def smoothed_nll_from_logits(logits: tf.Tensor, y: tf.Tensor, noise_samples: int,
+                             dtype: tf.DType = tf.float32) -> tf.Tensor:
+    """J per sample from the ``[m·b, C]`` logits of the m noisy copies (cast to ``dtype``)."""
+    probs = noise_lib.smoothed_probabilities(tf.cast(logits, dtype), noise_samples)
     p_y = tf.gather(probs, tf.cast(y, tf.int32), axis=1, batch_dims=1)
     return -tf.math.log(tf.maximum(p_y, PROBABILITY_FLOOR))
 
@@ -61,17 +66,31 @@ def ascent_direction(network, x_adv: tf.Tensor, y: tf.Tensor, noise: tf.Tensor,
     With ``norm_offset = 0`` (SmoothAdv) a zero gradient gives a zero step (the reference draws a
     random direction in that case; it does not occur for a finite J with nonzero gradient).
     """
+    return ascent_direction_and_logits(network, x_adv, y, noise, norm_offset)[0]
+
+
+def ascent_direction_and_logits(network, x_adv: tf.Tensor, y: tf.Tensor, noise: tf.Tensor,
+                                norm_offset: float, training: bool = False
+                                ) -> tuple[tf.Tensor, tf.Tensor]:
+    """``ascent_direction`` and the logits ``[m·b, C]`` of the network call it differentiated.
+
+    The logits stay connected to the weights (an enclosing tape can differentiate a loss of them),
+    so a pass that needs both — SmoothMix's clean pass, which is the attack's first pass when the
+    network computes the same function in training and inference mode — runs the network once.
+    """
     x_adv = tf.stop_gradient(x_adv)
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         tape.watch(x_adv)
-        objective = tf.reduce_sum(smoothed_nll(network, x_adv, y, noise))
+        logits = network(noise_lib.add_noise_tiled(x_adv, noise), training=training)
+        objective = tf.reduce_sum(smoothed_nll_from_logits(logits, y, noise.shape[0],
+                                                           loss_dtype_for(x_adv)))
     grad = tape.gradient(objective, x_adv)
     norm = noise_lib.broadcast_per_sample(noise_lib.per_sample_l2(grad), grad)
     if norm_offset > 0:
         direction = grad / (norm + as_dtype(norm_offset, grad.dtype))
     else:
         direction = tf.math.divide_no_nan(grad, norm)
-    return tf.stop_gradient(direction)
+    return tf.stop_gradient(direction), logits
 
 
 def project_l2(x_adv: tf.Tensor, x: tf.Tensor, radius) -> tf.Tensor:
@@ -91,19 +110,26 @@ def clip_unit(x: tf.Tensor) -> tf.Tensor:
 
 
 def smoothmix_ascent(network, x: tf.Tensor, y: tf.Tensor, noise: tf.Tensor, step_size,
-                     attack_steps: int, max_norm=None, return_first: bool = False):
+                     attack_steps: int, max_norm=None, return_first: bool = False,
+                     first_direction: tf.Tensor | None = None):
     """SmoothMix's unrestricted adversary on F̂ (paper eq. 8, METHOD.md §2 step 2).
 
     x̃⁽⁰⁾ = x; for t = 0..T−1: x̃⁽ᵗ⁺¹⁾ = clip_[0,1](Π_ε(x̃⁽ᵗ⁾ + α·g/(‖g‖₂ + 1e-8))), g = ∇J(x̃⁽ᵗ⁾),
     Π_ε the ℓ2 projection of x̃ − x to ``max_norm`` (none by default). ``noise`` is ``[m, b, ...]``
     (reused at every step), ``step_size`` is α, ``attack_steps`` T ≥ 1 a Python int (the loop is
-    unrolled). Returns x̃⁽ᵀ⁾, or ``(x̃⁽ᵀ⁾, x̃⁽¹⁾)`` with ``return_first`` (the one-step adversary).
+    unrolled). ``first_direction``: the step-0 direction g/(‖g‖₂ + 1e-8) at x̃⁽⁰⁾ = x when the
+    caller already has it (``ascent_direction_and_logits``); computed here otherwise. Returns
+    x̃⁽ᵀ⁾, or ``(x̃⁽ᵀ⁾, x̃⁽¹⁾)`` with ``return_first`` (the one-step adversary).
     """
     x = tf.stop_gradient(x)
     step = as_dtype(step_size, x.dtype)
     x_adv, first = x, None
-    for _ in range(int(attack_steps)):
-        x_adv = x_adv + step * ascent_direction(network, x_adv, y, noise, SMOOTHMIX_NORM_OFFSET)
+    for t in range(int(attack_steps)):
+        if t == 0 and first_direction is not None:
+            direction = tf.stop_gradient(first_direction)
+        else:
+            direction = ascent_direction(network, x_adv, y, noise, SMOOTHMIX_NORM_OFFSET)
+        x_adv = x_adv + step * direction
         if max_norm is not None:
             x_adv = project_l2(x_adv, x, max_norm)
         x_adv = clip_unit(x_adv)
@@ -133,5 +159,6 @@ def pgd_l2(network, x: tf.Tensor, y: tf.Tensor, noise: tf.Tensor, epsilon, attac
     return tf.stop_gradient(x_adv)
 
 
-__all__ = ["smoothmix_ascent", "pgd_l2", "smoothed_nll", "ascent_direction", "project_l2",
-           "clip_unit", "loss_dtype_for", "as_dtype"]
+__all__ = ["smoothmix_ascent", "pgd_l2", "smoothed_nll", "smoothed_nll_from_logits",
+           "ascent_direction", "ascent_direction_and_logits", "project_l2", "clip_unit",
+           "loss_dtype_for", "as_dtype"]

@@ -417,6 +417,89 @@ def test_smoothmix_uses_the_same_noise_in_every_pass(tiny):
         np.testing.assert_allclose(points, np.broadcast_to(points[0], points.shape), atol=1e-12)
 
 
+def _loss_and_weight_gradients(obj, model, x, y, noise, lam):
+    with tf.GradientTape() as tape:
+        loss, _ = obj.loss(model, tf.constant(x), tf.constant(y, tf.int64),
+                           {"noise": tf.constant(noise), "lam": tf.constant(lam)},
+                           tf.constant(9.0, tf.float32), SIGMA)
+    grads = tape.gradient(loss, model.trainable_weights)
+    return float(loss), np.concatenate([g.numpy().ravel() for g in grads])
+
+
+def test_smoothmix_shares_the_clean_and_first_attack_pass_when_the_network_allows(tiny,
+                                                                                   monkeypatch):
+    """Without the one-step adversary the clean pass f(x + δ_i) is the attack's first pass: for a
+    network that ignores ``training`` it runs once (T + 1 calls instead of T + 2) with the same loss
+    and the same weight gradients as two separate passes."""
+    from unittest import mock
+
+    from smoothmix_tf.objectives import smoothmix as smoothmix_module
+
+    model, _ = tiny
+    x, y, noise, lam = batch()
+    obj = SmoothMix(noise_samples=3, attack_steps=3, step_size=0.8, eta=5.0)
+    results, calls = {}, {}
+    for shared in (True, False):
+        if not shared:
+            monkeypatch.setattr(smoothmix_module, "is_training_invariant", lambda network: False)
+        with mock.patch.object(model, "call", wraps=model.call) as spy:
+            results[shared] = _loss_and_weight_gradients(obj, model, x, y, noise, lam)
+        calls[shared] = spy.call_count
+    assert calls == {True: 3 + 1, False: 3 + 2}
+    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-12)
+    np.testing.assert_allclose(results[True][1], results[False][1], rtol=1e-10, atol=1e-14)
+    assert np.abs(results[True][1]).max() > 0
+
+
+def test_smoothmix_keeps_separate_passes_for_batch_norm_and_the_one_step_adversary():
+    """Batch-norm differs between the attack's inference mode and the clean pass's training mode,
+    and the one-step clean end is not x: both keep T + 2 network calls."""
+    from unittest import mock
+
+    x, y, noise, lam = batch()
+    for batch_norm, one_step in ((True, False), (False, True)):
+        model, _ = make_tiny_net(batch_norm=batch_norm)
+        obj = SmoothMix(noise_samples=3, attack_steps=2, step_size=0.8,
+                        one_step_adversary=one_step)
+        with mock.patch.object(model, "call", wraps=model.call) as spy:
+            _loss_and_weight_gradients(obj, model, x, y, noise, lam)
+        assert spy.call_count == 2 + 2, (batch_norm, one_step)
+
+
+def test_is_training_invariant():
+    from smoothmix_tf.architectures import cifar_resnet, lenet
+    from smoothmix_tf.objectives.base import is_training_invariant
+
+    def functional(*layers):
+        inputs = keras.Input((4, 4, 1))
+        h = inputs
+        for layer in layers:
+            h = layer(h)
+        return keras.Model(inputs, h)
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, inputs, training=None):
+            return self.dense(inputs)
+
+    dense = functional(keras.layers.Flatten(), keras.layers.Dense(3))
+    assert is_training_invariant(lenet())
+    assert is_training_invariant(dense)
+    assert is_training_invariant(keras.Sequential([keras.Input((4, 4, 1)), dense,
+                                                   keras.layers.Softmax()]))
+    assert not is_training_invariant(cifar_resnet(depth=8))  # batch-norm
+    assert not is_training_invariant(functional(keras.layers.Flatten(), keras.layers.Dropout(0.5)))
+    assert not is_training_invariant(keras.Sequential([keras.Input((4, 4, 1)),
+                                                       functional(keras.layers.GaussianNoise(1.0))]))
+    assert not is_training_invariant(Subclassed())
+    quantized = functional(keras.layers.Flatten(), keras.layers.Dense(16))
+    quantized.layers[-1].quantize("int8")
+    assert not is_training_invariant(quantized)
+
+
 def test_draws_shapes_and_distributions():
     x = tf.zeros([4000, 2, 2, 1], tf.float64)
     draws = SmoothMix(noise_samples=2).draw(x, 0.25, tf.constant([1, 2], tf.int64))

@@ -20,6 +20,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from smoothmix_tf import layers as fast_layers
 from smoothmix_tf import noise as noise_lib
 from smoothmix_tf._checks import check_choice, check_int_at_least
 
@@ -92,3 +93,31 @@ def noisy_accuracy(logits: tf.Tensor, y_tiled: tf.Tensor) -> tf.Tensor:
     """Fraction of noisy copies classified correctly (accuracy under noise)."""
     pred = tf.argmax(logits, axis=-1, output_type=y_tiled.dtype)
     return tf.reduce_mean(tf.cast(tf.equal(pred, y_tiled), tf.float32))
+
+
+# Layers whose output does not depend on ``training`` (exact types: a subclass may override call).
+_TRAINING_INVARIANT_LAYERS = frozenset({
+    keras.layers.InputLayer, keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D,
+    keras.layers.Conv3D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
+    fast_layers.Conv2D, keras.layers.MaxPooling1D, keras.layers.MaxPooling2D,
+    keras.layers.AveragePooling1D, keras.layers.AveragePooling2D,
+    keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalMaxPooling1D, keras.layers.GlobalMaxPooling2D, keras.layers.Flatten,
+    keras.layers.Reshape, keras.layers.Permute, keras.layers.ZeroPadding2D, keras.layers.Cropping2D,
+    keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.Softmax, keras.layers.Activation,
+    keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply, keras.layers.Concatenate,
+    keras.layers.Identity, keras.layers.Rescaling, keras.layers.Normalization,
+})
+_GRAPH_MODELS = (keras.Sequential, keras.src.models.functional.Functional)
+
+
+def is_training_invariant(network: keras.layers.Layer) -> bool:
+    """True when ``network(x, training=True)`` and ``network(x, training=False)`` are the same
+    function and neither updates state: a Functional or Sequential model (nested ones too) built
+    only of layers known to ignore ``training`` — LeNet, but not a network with batch-norm or
+    dropout, a quantized layer or any subclassed model or layer (whose call is unknown).
+    """
+    if type(network) in _GRAPH_MODELS:
+        return all(is_training_invariant(layer) for layer in network.layers)
+    return (type(network) in _TRAINING_INVARIANT_LAYERS
+            and getattr(network, "quantization_mode", None) is None)

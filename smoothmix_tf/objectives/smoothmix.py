@@ -4,7 +4,9 @@
 2. x̃⁽ᵀ⁾ = T steps of the unrestricted adversary on F̂ (eq. 8, ``adversaries.smoothmix_ascent``);
 3. clean end x_c = x, or with the one-step adversary x̃⁽¹⁾ projected into the ℓ2 ball of radius
    α·w around x (ref ``mix_step=1``), w = min(1, (epoch+1)/warmup_epochs);
-4. clean pass: L_nat = mean CE(f(x_c + δ_i), y) over the m·b copies;
+4. clean pass: L_nat = mean CE(f(x_c + δ_i), y) over the m·b copies (without the one-step
+   adversary x_c = x, so for a network that ignores ``training`` this is the attack's first pass,
+   run once for both);
    F̂(x) = mean_i softmax(f(x_c + δ_i)) from the same logits, *not* detached (the mixup target
    is differentiated through);
 5. λ ~ U[0, ½) per sample; x_mix = (1−λ)·x_c + λ·x̃⁽ᵀ⁾; y_mix = (1−λ)·F̂(x) + λ/C;
@@ -19,9 +21,10 @@ import tensorflow as tf
 
 from smoothmix_tf import noise as noise_lib
 from smoothmix_tf._checks import check_int_at_least, check_non_negative, check_positive, fail
-from smoothmix_tf.adversaries import clip_unit, loss_dtype_for, project_l2, smoothmix_ascent
-from smoothmix_tf.objectives.base import (Objective, noisy_accuracy, register, split_seed,
-                                          warmup_factor)
+from smoothmix_tf.adversaries import (SMOOTHMIX_NORM_OFFSET, ascent_direction_and_logits,
+                                     clip_unit, loss_dtype_for, project_l2, smoothmix_ascent)
+from smoothmix_tf.objectives.base import (Objective, is_training_invariant, noisy_accuracy,
+                                          register, split_seed, warmup_factor)
 
 
 def _optional_positive(name: str, value, hint: str):
@@ -107,13 +110,22 @@ class SmoothMix(Objective):
         dtype = loss_dtype_for(x)
         warmup = warmup_factor(epoch, self.warmup_epochs, x.dtype)
 
+        # Without the one-step adversary the clean pass f(x + δ_i) is also the attack's first
+        # pass; when the network is the same function in training and inference mode (LeNet: no
+        # batch-norm or dropout) it runs once, serving the step-0 input gradient and the loss.
+        share_first_pass = not self.one_step_adversary and is_training_invariant(network)
+        first_direction = logits_clean = None
+        if share_first_pass:
+            first_direction, logits_clean = ascent_direction_and_logits(
+                network, x, y, noise, SMOOTHMIX_NORM_OFFSET, training=True)
         x_adv, x_first = smoothmix_ascent(network, x, y, noise, self.step_size, self.attack_steps,
-                                          max_norm=self.max_norm, return_first=True)
+                                          max_norm=self.max_norm, return_first=True,
+                                          first_direction=first_direction)
         x_clean = self.clean_end(x, x_first, warmup)
-
         y_tiled = noise_lib.tile(y, m)
-        logits_clean = tf.cast(network(noise_lib.add_noise_tiled(x_clean, noise), training=True),
-                               dtype)
+        if logits_clean is None:
+            logits_clean = network(noise_lib.add_noise_tiled(x_clean, noise), training=True)
+        logits_clean = tf.cast(logits_clean, dtype)
         loss_nat = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
             labels=y_tiled, logits=logits_clean))
         smoothed = noise_lib.smoothed_probabilities(logits_clean, m)  # F̂(x), not detached
