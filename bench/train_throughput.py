@@ -9,6 +9,7 @@ them.
 
     .venv/bin/python bench/train_throughput.py                 # all workloads
     .venv/bin/python bench/train_throughput.py --only smoothmix-s1.00 gaussian --repeats 5
+    .venv/bin/python bench/train_throughput.py --only gaussian --steps-per-execution 8
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--mixed-precision", action="store_true",
                    help="the network in bfloat16 (CPU) / float16 (GPU), as `smoothmix train "
                         "--mixed-precision`; float32 otherwise")
+    p.add_argument("--steps-per-execution", type=int, default=1,
+                   help="train steps per compiled call (`--set steps_per_execution=N`); 1 default")
     p.add_argument("--max-foreign", type=float, default=0.3,
                    help="foreign CPU cores tolerated before waiting (default 0.3)")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for an idle machine")
@@ -84,8 +87,10 @@ def measure(name: str, args) -> dict:
     optimizer = make_optimizer(config, 100)
     if base.dtype_policy.name == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    model.compile(optimizer=optimizer, jit_compile=args.jit_compile)
+    model.compile(optimizer=optimizer, jit_compile=args.jit_compile,
+                  steps_per_execution=args.steps_per_execution)
     rng = np.random.default_rng(0)
+    steps = -(-steps // args.steps_per_execution) * args.steps_per_execution  # whole calls
     n = config.batch_size * steps
     x = rng.random((n, *shape), dtype=np.float32)
     y = rng.integers(0, classes, n)
@@ -113,7 +118,7 @@ def measure(name: str, args) -> dict:
     rate = n / median([sum(t) for t in step_times])
     wall_rate = n / median(times)
     return {"workload": name, "preset": preset, "precision": base.dtype_policy.name,
-            "batch_size": config.batch_size,
+            "batch_size": config.batch_size, "steps_per_execution": args.steps_per_execution,
             "noise_samples": config.make_objective().noise_samples, "images_per_s": rate,
             "images_per_s_whole_fit_call": wall_rate,
             "reference_images_per_s": reference,
@@ -125,7 +130,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     rows = [measure(name, args) for name in (args.only or list(WORKLOADS))]
     print(f"\nmachine: {machine_line()}; medians of {args.repeats} runs; XLA={args.jit_compile}; "
-          f"precision: {rows[0]['precision'] if rows else '—'}\n")
+          f"precision: {rows[0]['precision'] if rows else '—'}; "
+          f"steps per execution: {args.steps_per_execution}\n")
     print("| workload | preset | clean images/step | images/s | reference (PyTorch) | ratio |"
           " whole fit call images/s | max foreign cores |")
     print("|---|---|---|---|---|---|---|---|")

@@ -51,6 +51,7 @@ class TrainConfig:
     strategy: str = "default"
     mixed_precision: bool = False
     jit_compile: bool = False
+    steps_per_execution: int = 1
 
     def validate(self) -> "TrainConfig":
         check_positive("sigma", self.sigma)
@@ -61,6 +62,9 @@ class TrainConfig:
         check_non_negative("momentum", self.momentum)
         check_non_negative("weight_decay", self.weight_decay)
         check_int_at_least("seed", self.seed, 0)
+        check_int_at_least("steps_per_execution", self.steps_per_execution, 1,
+                           "It is the number of train steps per compiled call (Keras "
+                           "compile(steps_per_execution=...)); 1 runs one step per call.")
         check_choice("strategy", self.strategy, STRATEGIES)
         if "method" not in self.objective:
             raise fail("the objective has no 'method'",
@@ -126,7 +130,8 @@ def build_model(config: TrainConfig, steps_per_epoch: int) -> SmoothedModel:
         optimizer = make_optimizer(config, steps_per_epoch)
         if keras.config.dtype_policy().name == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
+        model.compile(optimizer=optimizer, jit_compile=config.jit_compile,
+                      steps_per_execution=config.steps_per_execution)
     finally:
         keras.config.set_dtype_policy(previous)
     return model
@@ -146,8 +151,11 @@ class EpochProgress(keras.callbacks.Callback):
                         unit="step", leave=True, dynamic_ncols=True)
 
     def on_train_batch_end(self, batch, logs=None):
-        self.bar.update(1)
-        if logs and batch % 10 == 0:
+        # With steps_per_execution > 1 a call runs several steps and Keras reports the index of
+        # the call's last step (past the epoch's end for a partial last call).
+        done = self.bar.n
+        self.bar.update(min(batch + 1, self.steps) - done)
+        if logs and (batch == 0 or (batch + 1) // 10 > done // 10):
             self.bar.set_postfix({k: f"{float(v):.4g}" for k, v in logs.items()
                                   if k in ("loss", "noisy_accuracy")})
 

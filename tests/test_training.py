@@ -79,6 +79,31 @@ def test_run_folder_records_everything_and_training_learns(tmp_path, tiny_npz):
                                   model.base.get_layer("fc2").kernel.numpy())
 
 
+def test_several_steps_per_execution_train_exactly_like_one(tmp_path, tiny_npz):
+    """steps_per_execution = 4 over 6-step epochs (a full and a partial call) gives the same weights,
+    optimizer state and history as one step per call, resumes, and the progress bar counts steps."""
+    from smoothmix_tf import training
+
+    bars = []
+
+    class Recording(training.EpochProgress):
+        def on_epoch_end(self, epoch, logs=None):
+            bars.append(self.bar.n)
+            super().on_epoch_end(epoch, logs)
+
+    one = train(config(tiny_npz), tmp_path / "one", verbose=0)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tiny_npz, steps_per_execution=4), tmp_path / "four", verbose=0,
+              callbacks=[StopAt(1), Recording(3, 6)])
+    four = train(config(tiny_npz, steps_per_execution=4), tmp_path / "four", resume=True,
+                 verbose=0)
+    assert four.steps_per_execution == 4 and bars == [6]
+    for a, b in zip(weights(one), weights(four)):
+        np.testing.assert_array_equal(a, b)
+    rows = [list(csv.DictReader(open(tmp_path / run / "history.csv"))) for run in ("one", "four")]
+    assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]]
+
+
 def test_step_schedule_decays_at_the_given_epochs():
     opt = make_optimizer(TrainConfig(lr=0.1, lr_decay_epochs=[2, 4], lr_decay_factor=0.1), 10)
     lrs = [float(opt.learning_rate_schedule(step)) if hasattr(opt, "learning_rate_schedule")
@@ -100,6 +125,7 @@ def test_existing_run_without_resume_and_missing_checkpoint_are_clear_errors(tmp
 @pytest.mark.parametrize("field,value,match", [
     ("sigma", 0.0, "sigma"), ("epochs", 0, "epochs"), ("batch_size", 0, "batch_size"),
     ("lr", -1.0, "lr"), ("strategy", "tpu", "strategy"),
+    ("steps_per_execution", 0, "steps_per_execution"),
 ])
 def test_bad_config_values_are_clear_errors(field, value, match):
     with pytest.raises(SmoothMixError, match=match):
