@@ -84,8 +84,13 @@ class Conv2D(keras.layers.Conv2D):
 @keras.saving.register_keras_serializable(package="smoothmix_tf")
 class BatchNormalization(keras.layers.BatchNormalization):
     """``keras.layers.BatchNormalization`` on TensorFlow's fused kernel for 4-D channels-last
-    float32/bfloat16/float16 inputs (other cases, e.g. float64: Keras's own). Computes in float32 like Keras (inputs are upcast) and
-    returns the compute dtype; the moving variance follows PyTorch (unbiased batch variance)."""
+    float32/bfloat16/float16 inputs (other cases, e.g. float64: Keras's own).
+
+    Statistics and normalization are computed in float32 like Keras and the result is returned in
+    the compute dtype; the moving variance follows PyTorch (unbiased batch variance). bfloat16
+    inputs go to the kernel as they are (it computes in float32 internally: the same values as
+    upcasting first, ~2× faster on CPU without the casts); float16 inputs are upcast.
+    """
 
     def _fused_path(self, inputs, mask) -> bool:
         return (mask is None and not self.renorm and not self.synchronized
@@ -96,7 +101,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def call(self, inputs, training=None, mask=None):
         if not self._fused_path(inputs, mask):
             return super().call(inputs, training=training, mask=mask)
-        x = tf.cast(inputs, tf.float32)
+        x = inputs if inputs.dtype == tf.bfloat16 else tf.cast(inputs, tf.float32)
         gamma, beta = tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32)
         if training and self.trainable:
             outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(

@@ -152,6 +152,45 @@ def test_fused_batch_norm_equals_keras_in_values_gradients_and_statistics(traini
                                rtol=1e-5)  # Keras's own: biased (the documented difference)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_batch_norm_in_bfloat16_computes_in_float32(training):
+    """bfloat16 inputs go to the fused kernel as they are: the statistics are float32-exact on the
+    bfloat16 values, the output is the float64 formula rounded to bfloat16, the result is the same
+    as upcasting first (Keras's way), and gradients reach the input and the parameters."""
+    rng = np.random.default_rng(1)
+    channels = 6
+    layer = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype="mixed_bfloat16")
+    layer.build((None, 5, 4, channels))
+    gamma, beta = rng.normal(size=channels) + 1, rng.normal(size=channels)
+    moving = [rng.normal(size=channels), rng.random(channels) + 0.5]
+    layer.set_weights([gamma, beta, *moving])
+    x = tf.cast(tf.constant(rng.normal(size=(8, 5, 4, channels)) * 3 + 1), tf.bfloat16)
+    upstream = tf.constant(rng.normal(size=(8, 5, 4, channels)), tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = layer(x, training=training)
+        objective = tf.reduce_sum(tf.cast(out, tf.float32) * upstream)
+    grads = tape.gradient(objective, [x, *layer.trainable_weights])
+    assert out.dtype == tf.bfloat16 and all(np.abs(g.numpy()).max() > 0 for g in grads[1:])
+    flat = tf.cast(x, tf.float64).numpy().reshape(-1, channels)
+    mean, var = (flat.mean(0), flat.var(0)) if training else (moving[0], moving[1])
+    expected = gamma * (flat - mean) / np.sqrt(var + 1e-5) + beta
+    np.testing.assert_allclose(tf.cast(out, tf.float64).numpy().reshape(-1, channels), expected,
+                               rtol=2 ** -8, atol=2 ** -8 * np.abs(expected).max())
+    upcast, _, _ = tf.compat.v1.nn.fused_batch_norm(
+        tf.cast(x, tf.float32), tf.constant(gamma, tf.float32), tf.constant(beta, tf.float32),
+        mean=None if training else tf.constant(moving[0], tf.float32),
+        variance=None if training else tf.constant(moving[1], tf.float32), epsilon=1e-5,
+        is_training=training)
+    np.testing.assert_array_equal(tf.cast(out, tf.float32).numpy(),
+                                  tf.cast(tf.cast(upcast, tf.bfloat16), tf.float32).numpy())
+    if training:  # float32-exact statistics of the bfloat16 values, unbiased moving variance
+        np.testing.assert_allclose(layer.moving_mean.numpy(),
+                                   0.9 * moving[0] + 0.1 * flat.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(layer.moving_variance.numpy(),
+                                   0.9 * moving[1] + 0.1 * flat.var(0, ddof=1), rtol=1e-5)
+
+
 def test_batch_norm_float64_and_other_ranks_use_keras():
     bn = layers.BatchNormalization()
     assert not bn._fused_path(tf.zeros([2, 3, 3, 4], tf.float64), None)
