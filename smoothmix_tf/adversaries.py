@@ -117,18 +117,17 @@ def smoothmix_ascent(network, x: tf.Tensor, y: tf.Tensor, noise: tf.Tensor, step
     x̃⁽⁰⁾ = x; for t = 0..T−1: x̃⁽ᵗ⁺¹⁾ = clip_[0,1](Π_ε(x̃⁽ᵗ⁾ + α·g/(‖g‖₂ + 1e-8))), g = ∇J(x̃⁽ᵗ⁾),
     Π_ε the ℓ2 projection of x̃ − x to ``max_norm`` (none by default). ``noise`` is ``[m, b, ...]``
     (reused at every step), ``step_size`` is α, ``attack_steps`` T ≥ 1 a Python int (the loop is
-    unrolled). ``first_direction``: the step-0 direction g/(‖g‖₂ + 1e-8) at x̃⁽⁰⁾ = x when the
-    caller already has it (``ascent_direction_and_logits``); computed here otherwise. Returns
+    unrolled). ``first_direction``: the step-0 direction g/(‖g‖₂ + 1e-8) at x̃⁽⁰⁾ = x (already
+    gradient-stopped) when the caller has it from ``ascent_direction_and_logits``; computed here
+    otherwise. Returns
     x̃⁽ᵀ⁾, or ``(x̃⁽ᵀ⁾, x̃⁽¹⁾)`` with ``return_first`` (the one-step adversary).
     """
     x = tf.stop_gradient(x)
     step = as_dtype(step_size, x.dtype)
     x_adv, first = x, None
     for t in range(int(attack_steps)):
-        if t == 0 and first_direction is not None:
-            direction = tf.stop_gradient(first_direction)
-        else:
-            direction = ascent_direction(network, x_adv, y, noise, SMOOTHMIX_NORM_OFFSET)
+        direction = (first_direction if t == 0 and first_direction is not None
+                     else ascent_direction(network, x_adv, y, noise, SMOOTHMIX_NORM_OFFSET))
         x_adv = x_adv + step * direction
         if max_norm is not None:
             x_adv = project_l2(x_adv, x, max_norm)

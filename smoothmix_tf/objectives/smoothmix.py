@@ -113,9 +113,8 @@ class SmoothMix(Objective):
         # Without the one-step adversary the clean pass f(x + δ_i) is also the attack's first
         # pass; when the network is the same function in training and inference mode (LeNet: no
         # batch-norm or dropout) it runs once, serving the step-0 input gradient and the loss.
-        share_first_pass = not self.one_step_adversary and is_training_invariant(network)
         first_direction = logits_clean = None
-        if share_first_pass:
+        if not self.one_step_adversary and is_training_invariant(network):
             first_direction, logits_clean = ascent_direction_and_logits(
                 network, x, y, noise, SMOOTHMIX_NORM_OFFSET, training=True)
         x_adv, x_first = smoothmix_ascent(network, x, y, noise, self.step_size, self.attack_steps,
