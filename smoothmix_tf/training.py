@@ -66,6 +66,11 @@ class TrainConfig:
                            "It is the number of train steps per compiled call (Keras "
                            "compile(steps_per_execution=...)); 1 runs one step per call.")
         check_choice("strategy", self.strategy, STRATEGIES)
+        if self.steps_per_execution > 1 and self.strategy != "default":
+            raise fail(f"steps_per_execution={self.steps_per_execution} does not run under "
+                       f"strategy {self.strategy!r}: Keras {keras.__version__} fails on several "
+                       "steps per call under a distribution strategy (keras-team/keras#19246)",
+                       "Use steps_per_execution=1 with --strategy mirrored or multiworker.")
         if "method" not in self.objective:
             raise fail("the objective has no 'method'",
                        f"Set objective.method to one of: {', '.join(sorted(objectives.REGISTRY))}.")

@@ -171,6 +171,25 @@ def test_pipeline_batches_shuffles_a_permutation_and_reproduces_with_a_seed():
     assert int(dropped.cardinality()) == 4
 
 
+def test_several_passes_concatenate_before_batching_each_with_its_own_order():
+    """epochs=2 over 100 images in batches of 64: a batch spans the two passes (64, 64, 64, 8),
+    each pass is its own permutation; no augmentation, so whole batches are gathered at once and
+    tf.data's autotuner (whose teardown stalled every fit call) is off."""
+    x_ref, y_ref = datasets.load_arrays("mnist5k", "train", limit=100)
+    ds = datasets.load("mnist5k", "train", 64, shuffle=True, seed=2, limit=100, epochs=2)
+    batches = as_list(ds)
+    assert [len(b[1]) for b in batches] == [64, 64, 64, 8] and int(ds.cardinality()) == 4
+    assert ds.options().autotune.enabled is False
+    x = np.concatenate([b[0] for b in batches])
+    flat = x_ref.reshape(100, -1)
+    order = np.array([np.flatnonzero((flat == img.reshape(-1)).all(1))[0] for img in x])
+    first, second = order[:100], order[100:]
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(100))
+    assert first.tolist() != second.tolist()
+    np.testing.assert_array_equal(x, x_ref[order])
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), y_ref[order])
+
+
 def test_unshuffled_test_split_equals_load_arrays_and_is_not_augmented(tmp_path):
     name = write_npz(tmp_path / "c.npz", **tiny_arrays(np.random.default_rng(3)))
     x_ref, y_ref = datasets.load_arrays(name, "test")

@@ -132,6 +132,14 @@ def test_bad_config_values_are_clear_errors(field, value, match):
         TrainConfig(**{field: value}).validate()
 
 
+@pytest.mark.parametrize("strategy", ["mirrored", "multiworker"])
+def test_several_steps_per_execution_under_a_strategy_is_a_clear_error(strategy):
+    with pytest.raises(SmoothMixError, match=r"keras-team/keras#19246[\s\S]*steps_per_execution=1"):
+        TrainConfig(strategy=strategy, steps_per_execution=2).validate()
+    TrainConfig(strategy=strategy, steps_per_execution=1).validate()
+    TrainConfig(strategy="default", steps_per_execution=2).validate()
+
+
 def test_mixed_precision_computes_low_and_keeps_losses_float32(tmp_path, tiny_npz):
     import keras
 
