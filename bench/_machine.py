@@ -68,3 +68,21 @@ def machine_line(load: bool = True) -> str:
     """Processor and core count, and the 1-minute load average unless ``load=False``."""
     line = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     return f"{line}, load {os.getloadavg()[0]:.2f}" if load else line
+
+
+def gemm_gflops(dtype: str = "float32", size: int = 4096, repeats: int = 5,
+                max_foreign: float = 0.3, wait: float = 60.0) -> float:
+    """The machine's dense matrix-product ceiling: GFLOP/s of a ``size``² × ``size``² TensorFlow
+    (oneDNN) ``matmul`` in ``dtype``, median of ``repeats`` idle-checked runs.
+
+    No convolution or training step computes faster than this; model FLOPs per second divided by
+    it (``_flops``) say how much of the processor a rate uses.
+    """
+    import tensorflow as tf
+
+    a = tf.cast(tf.random.stateless_normal([size, size], [0, 1]), dtype)
+    b = tf.cast(tf.random.stateless_normal([size, size], [0, 2]), dtype)
+    product = tf.function(lambda a, b: tf.matmul(a, b)[0, 0])
+    product(a, b).numpy()
+    times, _ = timed_repeats(lambda: product(a, b).numpy(), repeats, max_foreign, wait)
+    return 2 * size ** 3 / median(times) / 1e9

@@ -1,0 +1,118 @@
+"""bench/_flops.py: the model FLOPs of a traced train step equal closed forms written out by hand
+from the layer shapes and the number of passes each objective makes (issue #3's benchmark uses them
+to say how much of the processor a training rate uses)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from smoothmix_tf.architectures import lenet
+from smoothmix_tf.model import SmoothedModel
+from smoothmix_tf.objectives import Gaussian, SmoothMix
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+flops_lib = load("_flops")
+
+# LeNet's multiply-adds per image, layer by layer (conv: out_h·out_w·out_c·k·k·in_c; dense: in·out)
+CONV1 = 24 * 24 * 20 * 5 * 5 * 1
+CONV2 = 8 * 8 * 50 * 5 * 5 * 20
+FC1 = 800 * 500
+FC2 = 500 * 10
+FORWARD = CONV1 + CONV2 + FC1 + FC2
+
+
+def trained_model(network, objective, batch, shape):
+    model = SmoothedModel(network, sigma=0.5, objective=objective)
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    rng = np.random.default_rng(0)
+    x = rng.random((batch, *shape), dtype=np.float32)
+    model.fit(x, rng.integers(0, 10, batch), batch_size=batch, epochs=1, verbose=0)
+    return model
+
+
+def test_gaussian_lenet_is_forward_plus_both_gradients_without_the_first_input_gradient():
+    batch = 8
+    model = trained_model(lenet(), Gaussian(), batch, (28, 28, 1))
+    # forward, weight gradients of every layer, input gradients of all layers but the first
+    expected = 2 * batch * (FORWARD + FORWARD + (FORWARD - CONV1))
+    assert flops_lib.train_step_flops(model, batch, (28, 28, 1)) == expected
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_smoothmix_lenet_counts_the_shared_clean_pass_once(steps):
+    """T attack steps on m noisy copies: T + 1 forward passes (the clean pass is the attack's
+    first, LeNet ignores `training`), T input gradients for the attack, and back-propagation
+    through the clean and the mixed pass."""
+    batch, samples = 4, 2
+    objective = SmoothMix(noise_samples=samples, attack_steps=steps, step_size=1.0, eta=5.0)
+    model = trained_model(lenet(), objective, batch, (28, 28, 1))
+    per_noisy_image = ((steps + 1) * FORWARD + steps * FORWARD
+                       + 2 * (FORWARD + FORWARD - CONV1))
+    expected = 2 * batch * samples * per_noisy_image
+    assert flops_lib.train_step_flops(model, batch, (28, 28, 1)) == expected
+
+
+def test_smoothmix_with_batch_norm_runs_the_clean_pass_separately():
+    """A batch-norm network depends on `training`: T + 2 forward passes."""
+    batch, samples, steps = 4, 2, 2
+    inputs = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(4, 3, use_bias=False)(inputs)  # 6·6·4·3·3·3 = 1296 multiply-adds
+    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.ReLU()(h)
+    logits = keras.layers.Dense(10)(keras.layers.Flatten()(h))  # 144·10
+    network = keras.Model(inputs, logits)
+    conv, dense = 6 * 6 * 4 * 3 * 3 * 3, 144 * 10
+    forward = conv + dense
+    objective = SmoothMix(noise_samples=samples, attack_steps=steps, step_size=1.0, eta=5.0)
+    model = trained_model(network, objective, batch, (8, 8, 3))
+    per_noisy_image = (steps + 2) * forward + steps * forward + 2 * (forward + dense)
+    expected = 2 * batch * samples * per_noisy_image
+    assert flops_lib.train_step_flops(model, batch, (8, 8, 3)) == expected
+
+
+def test_matmul_transposes_and_pruned_ops():
+    a = tf.TensorSpec([3, 5], tf.float32)
+    b = tf.TensorSpec([7, 5], tf.float32)
+
+    def f(a, b):
+        unused = tf.matmul(a, a, transpose_b=True)  # nothing depends on it: pruned
+        del unused
+        return tf.matmul(a, b, transpose_b=True)  # [3, 5] x [5, 7]
+
+    graph = tf.function(f).get_concrete_function(a, b).graph
+    assert flops_lib.graph_model_flops(graph) == 2 * 3 * 7 * 5
+
+
+def test_nested_function_calls_are_counted():
+    inner = tf.function(lambda a: tf.matmul(a, a))
+    graph = tf.function(lambda a: inner(a) + inner(2 * a)).get_concrete_function(
+        tf.TensorSpec([4, 4], tf.float32)).graph
+    assert flops_lib.graph_model_flops(graph) == 2 * 2 * 4 * 4 * 4
+
+
+def test_loops_and_unknown_shapes_are_refused():
+    def loop(a):
+        return tf.while_loop(lambda i, a: i < 3, lambda i, a: (i + 1, tf.matmul(a, a)), (0, a))[1]
+
+    graph = tf.function(loop).get_concrete_function(tf.TensorSpec([4, 4], tf.float32)).graph
+    with pytest.raises(ValueError, match="loop"):
+        flops_lib.graph_model_flops(graph)
+    graph = tf.function(lambda a: tf.matmul(a, a)).get_concrete_function(
+        tf.TensorSpec([None, 4], tf.float32)).graph
+    with pytest.raises(ValueError, match="not static"):
+        flops_lib.graph_model_flops(graph)
