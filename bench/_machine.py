@@ -64,6 +64,19 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def add_step_timing_arguments(parser) -> None:
+    """Options shared by train_throughput.py and reference_torch.py (which it runs with them)."""
+    parser.add_argument("--steps", type=int, default=20,
+                        help="optimizer steps per timed run (MNIST)")
+    parser.add_argument("--resnet-steps", type=int, default=3,
+                        help="steps per timed run (ResNet-110)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per workload (median)")
+    parser.add_argument("--max-foreign", type=float, default=0.3,
+                        help="foreign CPU cores tolerated before waiting (default 0.3)")
+    parser.add_argument("--wait", type=float, default=60.0,
+                        help="seconds to wait for an idle machine")
+
+
 def machine_line(load: bool = True) -> str:
     """Processor and core count, and the 1-minute load average unless ``load=False``."""
     line = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import median, timed_repeats  # noqa: E402
+from _machine import add_step_timing_arguments, median, timed_repeats  # noqa: E402
 
 # name: (architecture, clean images per step, noise samples m (None: Gaussian), sigma, attack steps T,
 #        step size alpha) -- the presets train_throughput.py runs (train/presets/*.toml)
@@ -187,12 +187,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workloads", nargs="+", choices=list(WORKLOADS))
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps per timed run (MNIST)")
-    p.add_argument("--resnet-steps", type=int, default=3, help="steps per timed run (ResNet-110)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per workload (median)")
-    p.add_argument("--max-foreign", type=float, default=0.3,
-                   help="foreign CPU cores tolerated before waiting (default 0.3)")
-    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for an idle machine")
+    add_step_timing_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON line per workload")
     args = p.parse_args(argv)
     try:

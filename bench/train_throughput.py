@@ -37,7 +37,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _flops import train_step_flops  # noqa: E402
-from _machine import gemm_gflops, machine_line, median, timed_repeats  # noqa: E402
+from _machine import (add_step_timing_arguments, gemm_gflops, machine_line, median,  # noqa: E402
+                      timed_repeats)
 from reference_torch import WORKLOADS as TORCH_WORKLOADS  # noqa: E402
 
 TARGET_RATIO = 1.5  # issue #3: at least 1.5× each reference
@@ -61,18 +62,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=list(WORKLOADS), help="workloads to run")
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps per timed run (MNIST)")
-    p.add_argument("--resnet-steps", type=int, default=3, help="steps per timed run (ResNet-110)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per workload (median)")
+    add_step_timing_arguments(p)
     p.add_argument("--jit-compile", action="store_true", help="XLA (slower on this CPU, FACTS.md)")
     p.add_argument("--mixed-precision", action="store_true",
                    help="the network in bfloat16 (CPU) / float16 (GPU), as `smoothmix train "
                         "--mixed-precision`; float32 otherwise")
     p.add_argument("--steps-per-execution", type=int, default=1,
                    help="train steps per compiled call (`--set steps_per_execution=N`); 1 default")
-    p.add_argument("--max-foreign", type=float, default=0.3,
-                   help="foreign CPU cores tolerated before waiting (default 0.3)")
-    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for an idle machine")
     p.add_argument("--torch-python", metavar="PYTHON",
                    help="a Python with PyTorch: after each workload, run bench/reference_torch.py "
                         "with it (the same work in PyTorch, on this machine, in this run) and "
