@@ -64,6 +64,43 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def epoch_timer(on_epoch):
+    """A Keras callback timing each epoch and passing ``on_epoch`` a dict: ``train_s`` (from the
+    epoch's start to its validation), ``steps_s`` (the train steps alone), ``validation_s`` (the
+    per-epoch evaluation), ``steps``, and ``foreign_cpu`` (cores other processes used meanwhile)."""
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+            self.ticks = cpu_ticks()
+            self.test_start = self.test_end = None
+            self.steps_s = 0.0
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.step_start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps_s += time.perf_counter() - self.step_start
+
+        def on_test_begin(self, logs=None):
+            self.test_start = time.perf_counter()
+
+        def on_test_end(self, logs=None):
+            self.test_end = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            end = time.perf_counter()
+            train_end = self.test_start if self.test_start is not None else end
+            validation = (self.test_end - self.test_start) if self.test_end is not None else 0.0
+            on_epoch({"epoch": epoch + 1, "train_s": train_end - self.start,
+                      "steps_s": self.steps_s, "validation_s": validation,
+                      "steps": self.params.get("steps"),
+                      "foreign_cpu": round(foreign_cpu(*self.ticks, end - self.start), 3)})
+
+    return EpochTimer()
+
+
 def add_step_timing_arguments(parser) -> None:
     """Options shared by train_throughput.py and reference_torch.py (which it runs with them)."""
     parser.add_argument("--steps", type=int, default=20,

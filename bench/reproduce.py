@@ -57,7 +57,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import cpu_ticks, foreign_cpu, machine_line
+from _machine import epoch_timer, machine_line
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -287,35 +287,6 @@ class TimingLog:
 
         self.data["machine"] = machine_line()
         atomic_write_text(self.path, json.dumps(self.data, indent=2))
-
-
-def epoch_timer(on_epoch: Callable[[dict[str, Any]], None]):
-    """A Keras callback timing each epoch: ``train_s`` (optimizer steps), ``validation_s`` (the
-    per-epoch evaluation), ``steps``, and ``foreign_cpu`` (cores other processes used meanwhile,
-    bench/_machine.py: other jobs slow this machine 2–6×)."""
-    import keras
-
-    class EpochTimer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.start = time.perf_counter()
-            self.ticks = cpu_ticks()
-            self.test_start = self.test_end = None
-
-        def on_test_begin(self, logs=None):
-            self.test_start = time.perf_counter()
-
-        def on_test_end(self, logs=None):
-            self.test_end = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            end = time.perf_counter()
-            train_end = self.test_start if self.test_start is not None else end
-            validation = (self.test_end - self.test_start) if self.test_end is not None else 0.0
-            on_epoch({"epoch": epoch + 1, "train_s": train_end - self.start,
-                      "validation_s": validation, "steps": self.params.get("steps"),
-                      "foreign_cpu": round(foreign_cpu(*self.ticks, end - self.start), 3)})
-
-    return EpochTimer()
 
 
 # ------------------------------------------------------------------------------------------------

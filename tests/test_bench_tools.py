@@ -1,10 +1,12 @@
-"""bench/_flops.py: the model FLOPs of a traced train step equal closed forms written out by hand
-from the layer shapes and the number of passes each objective makes (issue #3's benchmark uses them
-to say how much of the processor a training rate uses)."""
+"""Benchmark tools. bench/_flops.py: the model FLOPs of a traced train step equal closed forms
+written out by hand from the layer shapes and the number of passes each objective makes (issue #3's
+benchmark uses them to say how much of the processor a training rate uses). bench/epoch_throughput.py:
+its epoch times nest (steps within the training pass within the epoch) and add up to the run."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import keras
@@ -116,3 +118,19 @@ def test_loops_and_unknown_shapes_are_refused():
         tf.TensorSpec([None, 4], tf.float32)).graph
     with pytest.raises(ValueError, match="not static"):
         flops_lib.graph_model_flops(graph)
+
+
+def test_epoch_throughput_times_nest_and_cover_the_run(tmp_path):
+    epoch_throughput = load("epoch_throughput")
+    out = tmp_path / "epochs.json"
+    assert epoch_throughput.main(["--dataset", "mnist5k", "--epochs", "3", "--set",
+                                  "train_limit=512", "--set", "test_limit=64", "--set",
+                                  "batch_size=64", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["train_images_per_epoch"] == 512 and len(result["epochs"]) == 3
+    for row in result["epochs"]:
+        assert row["steps"] == 8
+        assert 0 < row["steps_s"] < row["train_s"] < row["epoch_s"]
+        assert 0 < row["validation_s"] < row["epoch_s"] - row["train_s"]
+    assert sum(r["epoch_s"] for r in result["epochs"]) <= result["total_s"]
+    assert result["steps_images_per_s"] > result["epoch_images_per_s"] > 0
