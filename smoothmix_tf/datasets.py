@@ -476,10 +476,11 @@ def _array_pipeline(images: np.ndarray, labels: np.ndarray, *, batch_size: int,
 
     With augmentation every image is transformed with its own key (a per-image map); without, the
     pipeline batches the shuffled *indices* and gathers and converts whole batches -- the same
-    values (the conversion is element-wise) at a fraction of the per-image cost, which for MNIST
-    LeNet's fast train steps was ~15 % of the epoch. That pipeline has nothing to tune, so
-    tf.data's autotuner is off for it: its teardown held every ``fit`` call ~0.5–1.4 s after the
-    last step (measured here), i.e. once per epoch.
+    values (the conversion is element-wise) at a fraction of the per-image cost. That pipeline has
+    nothing to tune, so tf.data's autotuner is off for it. With the per-image map and the
+    autotuner, ``fit`` calls (one per epoch) were held 0.5–1.4 s after their last step, and
+    whole real-MNIST Gaussian LeNet epochs ran at 2,900–5,200 instead of 6,100–6,400 training
+    images/s here, with stalls of up to 10 s between epochs (``bench/epoch_throughput.py``).
     """
     count = len(images)
     images_t, labels_t = tf.constant(images), tf.constant(labels)
