@@ -501,6 +501,13 @@ class SmoothMixHyperModel(keras_tuner.HyperModel):
             logdir = Path(self.tensorboard_dir) / f"trial_{trial_id}"
             callbacks.append(keras.callbacks.TensorBoard(str(logdir), write_graph=False))
             write_hparams(logdir, hp, trial_id)
+        if int(initial_epoch) > 0:
+            # Hyperband promoted the trial: KerasTuner loaded its predecessor's weights only, so
+            # put the step counters where an uninterrupted run would be -- the learning-rate
+            # schedule and the noise draws continue instead of restarting (momentum restarts).
+            done = int(initial_epoch) * self.steps_per_epoch
+            model.optimizer.iterations.assign(done)
+            model.rng_step.assign(done)
         for epoch in range(int(initial_epoch), final_epoch):
             model.fit(self.training_data(epoch), epochs=epoch + 1, initial_epoch=epoch,
                       verbose=0, shuffle=False, callbacks=callbacks)
@@ -557,8 +564,9 @@ class SmoothMixBayesianOptimization(_SurfaceFailures, keras_tuner.BayesianOptimi
 
 class SmoothMixHyperband(_SurfaceFailures, keras_tuner.Hyperband):
     """Hyperband (``max_epochs`` = --epochs) with failures printed. A trial promoted to the next
-    round continues from the weights of its predecessor's best certified epoch with a fresh
-    optimizer (KerasTuner saves weights only), as every KerasTuner Hyperband does."""
+    round continues from the weights of its predecessor's best certified epoch (KerasTuner saves
+    weights only); ``SmoothMixHyperModel.fit`` continues its learning-rate schedule and noise
+    draws from there, while the optimizer's momentum restarts."""
 
     def _build_hypermodel(self, hp):
         with warnings.catch_warnings():  # the checkpoint's optimizer slots are not reloaded

@@ -40,6 +40,12 @@ pytestmark = [  # keras-tuner 1.4.8's own use of deprecated threading names
 ]
 
 
+def tiny_with_epochs(epochs: int) -> list[str]:
+    """TINY with ``--epochs epochs`` instead of 1."""
+    at = TINY.index("--epochs") + 1
+    return TINY[:at] + [str(epochs)] + TINY[at + 1:]
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="smoothmix tune")
     tuning.add_tune_arguments(parser)
@@ -218,6 +224,45 @@ class _TrainingStarts(keras.callbacks.Callback):
         starts = len(Path(self.log).read_text().splitlines())
         if self.interrupt_at is not None and starts >= self.interrupt_at:
             raise KeyboardInterrupt
+
+
+def test_a_continued_trial_resumes_its_schedule_and_noise_draws(tmp_path):
+    """Hyperband promotes a trial by calling fit(initial_epoch=k) on its predecessor's weights:
+    the learning rate (decayed after epoch 1 here) and the noise counter go on from epoch k."""
+    import keras_tuner
+
+    settings = tuning.settings_from_args(parse(tiny_with_epochs(2) + ["--directory", str(tmp_path),
+                                                       "--set", "lr_decay_epochs=[1]"]))
+    hypermodel = tuning.SmoothMixHyperModel(settings.base, settings.space, settings.certification)
+    hp = keras_tuner.HyperParameters()
+    model = hypermodel.build(hp)
+    steps = hypermodel.steps_per_epoch
+    seen = {}
+
+    class FirstStep(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 0:
+                seen["lr"] = float(self.model.optimizer.learning_rate)
+                seen["rng_step"] = int(self.model.rng_step.numpy())
+
+    hypermodel.fit(hp, model, epochs=2, initial_epoch=1, callbacks=[FirstStep()], verbose=0)
+    assert seen == {"lr": pytest.approx(0.05 * 0.1), "rng_step": steps}
+    assert int(model.optimizer.iterations.numpy()) == int(model.rng_step.numpy()) == 2 * steps
+
+
+def test_hyperband_search_promotes_a_trial_end_to_end(tmp_path):
+    """--tuner hyperband, max 3 epochs, factor 3: 1-epoch trials, then the best of them continued
+    to 3 epochs (same η, α, T), all completed and ranked."""
+    code, out, err = run_cli(tiny_with_epochs(3) + ["--directory", str(tmp_path), "--tuner", "hyperband",
+                                     "--attack-steps", "1", "2"])
+    assert code == 0, err
+    records = json.loads((tmp_path / "smoothmix" / "results.json").read_text())
+    assert records and all(r["status"] == "COMPLETED" for r in records)
+    point = lambda r: (r["eta"], r["attack_length"], r["attack_steps"])  # noqa: E731
+    short = {point(r) for r in records if r["epochs"] == 1}
+    promoted = [r for r in records if r["epochs"] == 3 and point(r) in short]
+    assert promoted, records
+    assert "tuner: hyperband, max_epochs=3, factor=3" in out
 
 
 def test_resume_runs_only_the_remaining_trial(tmp_path):
