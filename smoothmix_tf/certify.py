@@ -38,6 +38,7 @@ import tensorflow_probability as tfp
 
 from smoothmix_tf._checks import (SmoothMixError, check_choice, check_int_at_least, check_open_unit,
                                   check_positive, fail)
+from smoothmix_tf.hardware import warn_if_bfloat16_is_emulated
 
 ABSTAIN = -1
 INFERENCE_DTYPES = ("float32", "bfloat16", "float16")
@@ -175,6 +176,8 @@ class Smooth:
         if inference_dtype is not None:
             check_choice("inference_dtype", inference_dtype, INFERENCE_DTYPES)
         self.inference_dtype = None if inference_dtype in (None, "float32") else inference_dtype
+        if self.inference_dtype == "bfloat16" and not tf.config.list_logical_devices("GPU"):
+            warn_if_bfloat16_is_emulated("certification with inference_dtype='bfloat16'")
         self.jit_compile = bool(jit_compile)
         self.parallel_iterations = check_int_at_least("parallel_iterations",
                                                       _as_int(parallel_iterations), 1)

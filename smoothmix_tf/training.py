@@ -25,6 +25,7 @@ from smoothmix_tf._checks import (check_choice, check_int_at_least,
                                   check_non_negative, check_positive, fail)
 from smoothmix_tf.distribute import (STRATEGIES, enable_multiworker_fit, make_strategy,
                                      shard_by_data, worker_run_dir)
+from smoothmix_tf.hardware import warn_if_bfloat16_is_emulated
 from smoothmix_tf.model import SmoothedModel
 
 
@@ -111,8 +112,12 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizer
 
 
 def mixed_precision_policy() -> str:
-    """float16 compute on GPUs (with loss scaling), bfloat16 on CPUs (no scaling needed)."""
-    return "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+    """float16 compute on GPUs (with loss scaling), bfloat16 on CPUs (no scaling needed; a warning
+    when the CPU has no bfloat16 units)."""
+    if tf.config.list_logical_devices("GPU"):
+        return "mixed_float16"
+    warn_if_bfloat16_is_emulated("--mixed-precision training")
+    return "mixed_bfloat16"
 
 
 def build_model(config: TrainConfig, steps_per_epoch: int) -> SmoothedModel:
