@@ -4,8 +4,8 @@ checkpoint included -- next to the time of the train steps alone.
 
 ``train_throughput.py`` times train steps on cached random data; this script shows what the rest of
 an epoch costs. For fast steps (Gaussian LeNet: ~33 ms) that rest matters: the per-image input map
-and tf.data's autotuner teardown (~0.5–1.4 s per ``fit`` call) once took ~20 % of a real-MNIST
-epoch (datasets.py now gathers whole batches with the autotuner off).
+and tf.data's autotuner (held ``fit`` calls 0.5–1.4 s, stalls of up to 10 s between epochs) once
+cost 15–54 % of a real-MNIST epoch (datasets.py now gathers whole batches with the autotuner off).
 
     .venv/bin/python bench/epoch_throughput.py                                # Gaussian, MNIST
     .venv/bin/python bench/epoch_throughput.py --preset mnist-smoothmix-eta5-s0.25 --epochs 2 \\

@@ -502,9 +502,11 @@ class SmoothMixHyperModel(keras_tuner.HyperModel):
             callbacks.append(keras.callbacks.TensorBoard(str(logdir), write_graph=False))
             write_hparams(logdir, hp, trial_id)
         if int(initial_epoch) > 0:
-            # Hyperband promoted the trial: KerasTuner loaded its predecessor's weights only, so
-            # put the step counters where an uninterrupted run would be -- the learning-rate
-            # schedule and the noise draws continue instead of restarting (momentum restarts).
+            # Hyperband promoted the trial: KerasTuner loaded the model weights of its
+            # predecessor's best epoch e <= initial_epoch (the noise counter among them, at e) and
+            # a fresh optimizer (its step counter at 0, so the learning-rate schedule would
+            # restart). Put both counters at initial_epoch, where training resumes: the schedule
+            # and the noise draws continue from there; the momentum restarts.
             done = int(initial_epoch) * self.steps_per_epoch
             model.optimizer.iterations.assign(done)
             model.rng_step.assign(done)
@@ -566,7 +568,7 @@ class SmoothMixHyperband(_SurfaceFailures, keras_tuner.Hyperband):
     """Hyperband (``max_epochs`` = --epochs) with failures printed. A trial promoted to the next
     round continues from the weights of its predecessor's best certified epoch (KerasTuner saves
     weights only); ``SmoothMixHyperModel.fit`` continues its learning-rate schedule and noise
-    draws from there, while the optimizer's momentum restarts."""
+    draws from the epoch where that training stopped, while the optimizer's momentum restarts."""
 
     def _build_hypermodel(self, hp):
         with warnings.catch_warnings():  # the checkpoint's optimizer slots are not reloaded

@@ -7,6 +7,7 @@ import warnings
 
 import keras
 import pytest
+import tensorflow as tf
 
 from smoothmix_tf import hardware, training
 from smoothmix_tf.certify import Smooth
@@ -47,6 +48,9 @@ def test_warning_only_without_bfloat16_units():
 
 
 def test_bfloat16_options_warn_on_a_cpu_without_units(monkeypatch):
+    real = tf.config.list_logical_devices  # a CPU-only view, also on a GPU host
+    monkeypatch.setattr(tf.config, "list_logical_devices",
+                        lambda kind=None: [] if kind == "GPU" else real(kind))
     monkeypatch.setattr(hardware, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": frozenset({"avx2"}))
     with pytest.warns(RuntimeWarning, match="--mixed-precision training computes in bfloat16"):
         assert training.mixed_precision_policy() == "mixed_bfloat16"

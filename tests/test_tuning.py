@@ -231,8 +231,8 @@ def test_a_continued_trial_resumes_its_schedule_and_noise_draws(tmp_path):
     the learning rate (decayed after epoch 1 here) and the noise counter go on from epoch k."""
     import keras_tuner
 
-    settings = tuning.settings_from_args(parse(tiny_with_epochs(2) + ["--directory", str(tmp_path),
-                                                       "--set", "lr_decay_epochs=[1]"]))
+    argv = tiny_with_epochs(2) + ["--directory", str(tmp_path), "--set", "lr_decay_epochs=[1]"]
+    settings = tuning.settings_from_args(parse(argv))
     hypermodel = tuning.SmoothMixHyperModel(settings.base, settings.space, settings.certification)
     hp = keras_tuner.HyperParameters()
     model = hypermodel.build(hp)
@@ -253,8 +253,8 @@ def test_a_continued_trial_resumes_its_schedule_and_noise_draws(tmp_path):
 def test_hyperband_search_promotes_a_trial_end_to_end(tmp_path):
     """--tuner hyperband, max 3 epochs, factor 3: 1-epoch trials, then the best of them continued
     to 3 epochs (same η, α, T), all completed and ranked."""
-    code, out, err = run_cli(tiny_with_epochs(3) + ["--directory", str(tmp_path), "--tuner", "hyperband",
-                                     "--attack-steps", "1", "2"])
+    code, out, err = run_cli(tiny_with_epochs(3) + ["--directory", str(tmp_path),
+                                                    "--tuner", "hyperband", "--attack-steps", "1", "2"])
     assert code == 0, err
     records = json.loads((tmp_path / "smoothmix" / "results.json").read_text())
     assert records and all(r["status"] == "COMPLETED" for r in records)
