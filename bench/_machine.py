@@ -101,6 +101,14 @@ def epoch_timer(on_epoch):
     return EpochTimer()
 
 
+def add_idle_arguments(parser) -> None:
+    """``--max-foreign`` and ``--wait``: the idle check of ``timed_repeats``."""
+    parser.add_argument("--max-foreign", type=float, default=0.3,
+                        help="foreign CPU cores tolerated before waiting (default 0.3)")
+    parser.add_argument("--wait", type=float, default=60.0,
+                        help="seconds to wait for an idle machine")
+
+
 def add_step_timing_arguments(parser) -> None:
     """Options shared by train_throughput.py and reference_torch.py (which it runs with them)."""
     parser.add_argument("--steps", type=int, default=20,
@@ -108,10 +116,13 @@ def add_step_timing_arguments(parser) -> None:
     parser.add_argument("--resnet-steps", type=int, default=3,
                         help="steps per timed run (ResNet-110)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per workload (median)")
-    parser.add_argument("--max-foreign", type=float, default=0.3,
-                        help="foreign CPU cores tolerated before waiting (default 0.3)")
-    parser.add_argument("--wait", type=float, default=60.0,
-                        help="seconds to wait for an idle machine")
+    add_idle_arguments(parser)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: the header, a separator, then one line per row of cells."""
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(str(cell) for cell in line) + " |" for line in lines)
 
 
 def machine_line(load: bool = True) -> str:

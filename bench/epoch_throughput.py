@@ -27,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import epoch_timer, machine_line, median  # noqa: E402
+from _machine import epoch_timer, machine_line, markdown_table, median  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist.npz"
@@ -55,7 +55,6 @@ def main(argv=None) -> int:
                                          else "mnist5k")
     values["epochs"] = args.epochs
     config = training.TrainConfig.from_dict(presets.apply_overrides(values, args.set))
-    steps = training._steps_per_epoch(config)  # noqa: SLF001
     epochs: list[dict] = []
     ends: list[float] = []
 
@@ -71,7 +70,7 @@ def main(argv=None) -> int:
     # wall time of an epoch: from the previous epoch's end (fit call, checkpoint) to this one's
     for row, end, previous in zip(epochs, ends, [start, *ends]):
         row["epoch_s"] = end - previous
-    images = steps * config.batch_size
+    images = epochs[0]["steps"] * config.batch_size
     timed = epochs[1:] or epochs
     result = {
         "preset": args.preset, "dataset": config.dataset, "train_images_per_epoch": images,
@@ -81,14 +80,13 @@ def main(argv=None) -> int:
         "epochs": epochs, "total_s": total, "config": config.to_dict()}
     print(f"\nmachine: {machine_line()}; {args.preset} on {config.dataset}, {images} images per "
           f"epoch, medians of epochs 2..{len(epochs)}\n")
-    print("| epoch | epoch s | train steps s | rest of the training pass s | validation s |"
-          " between epochs s (fit call end, checkpoint, next fit call) | foreign cores |")
-    print("|---|---|---|---|---|---|---|")
-    for r in epochs:
-        between = r["epoch_s"] - r["train_s"] - r["validation_s"]
-        print(f"| {r['epoch']} | {r['epoch_s']:.2f} | {r['steps_s']:.2f} |"
-              f" {r['train_s'] - r['steps_s']:.2f} | {r['validation_s']:.2f} | {between:.2f} |"
-              f" {r['foreign_cpu']:.2f} |")
+    print(markdown_table(
+        ["epoch", "epoch s", "train steps s", "rest of the training pass s", "validation s",
+         "between epochs s (fit call end, checkpoint, next fit call)", "foreign cores"],
+        [[r["epoch"], f"{r['epoch_s']:.2f}", f"{r['steps_s']:.2f}",
+          f"{r['train_s'] - r['steps_s']:.2f}", f"{r['validation_s']:.2f}",
+          f"{r['epoch_s'] - r['train_s'] - r['validation_s']:.2f}", f"{r['foreign_cpu']:.2f}"]
+         for r in epochs]))
     print(f"\nwhole epochs: {result['epoch_images_per_s']:.0f} training images/s; train steps "
           f"alone: {result['steps_images_per_s']:.0f} images/s")
     if args.out:

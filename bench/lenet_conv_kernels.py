@@ -19,7 +19,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import gemm_gflops, machine_line, median, timed_repeats  # noqa: E402
+from _machine import (add_idle_arguments, gemm_gflops, machine_line, markdown_table,  # noqa: E402
+                      median, timed_repeats)
 
 BATCH, SIZE, CHANNELS, FILTERS, KERNEL = 256, 12, 20, 50, 5
 
@@ -31,9 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--calls", type=int, default=30, help="kernel calls per timed run")
     p.add_argument("--repeats", type=int, default=5, help="timed runs (median)")
-    p.add_argument("--max-foreign", type=float, default=0.3,
-                   help="foreign CPU cores tolerated before waiting (default 0.3)")
-    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for an idle machine")
+    add_idle_arguments(p)
     args = p.parse_args(argv)
     import tensorflow as tf
 
@@ -58,8 +57,7 @@ def main(argv=None) -> int:
     peak = gemm_gflops(dtype, max_foreign=args.max_foreign, wait=args.wait)
     print(f"\nmachine: {machine_line()}; {dtype} {fmt}; {dtype} matmul ceiling {peak:.0f} GFLOP/s "
           f"(4096², same run); {flop / 1e9:.3f} GFLOP per call; medians of {args.repeats}\n")
-    print("| kernel | ms per call | GFLOP/s | of ceiling |")
-    print("|---|---:|---:|---:|")
+    rows = []
     for name, kernel in kernels.items():
         compiled = tf.function(kernel)
         compiled().numpy()
@@ -72,7 +70,8 @@ def main(argv=None) -> int:
         times, _ = timed_repeats(run, args.repeats, args.max_foreign, args.wait)
         seconds = median(times) / args.calls
         rate = flop / seconds / 1e9
-        print(f"| {name} | {seconds * 1e3:.2f} | {rate:.0f} | {rate / peak:.0%} |")
+        rows.append([name, f"{seconds * 1e3:.2f}", f"{rate:.0f}", f"{rate / peak:.0%}"])
+    print(markdown_table(["kernel", "ms per call", "GFLOP/s", "of ceiling"], rows))
     return 0
 
 

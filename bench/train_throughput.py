@@ -37,8 +37,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _flops import train_step_flops  # noqa: E402
-from _machine import (add_step_timing_arguments, gemm_gflops, machine_line, median,  # noqa: E402
-                      timed_repeats)
+from _machine import (add_step_timing_arguments, gemm_gflops, machine_line,  # noqa: E402
+                      markdown_table, median, timed_repeats)
 from reference_torch import WORKLOADS as TORCH_WORKLOADS  # noqa: E402
 
 TARGET_RATIO = 1.5  # issue #3: at least 1.5× each reference
@@ -181,22 +181,23 @@ def main(argv=None) -> int:
           f"precision: {rows[0]['precision'] if rows else '—'}; "
           f"steps per execution: {args.steps_per_execution}; {dtype} matmul ceiling "
           f"{peak:.0f} GFLOP/s (4096², same run)\n")
-    print("| workload | preset | clean images/step | images/s | reference (FACTS.md) | ratio |"
-          " PyTorch here (this run) | ratio |"
-          " model GFLOP/image | GFLOP/s (of ceiling) | target images/s (needs, of ceiling) |"
-          " whole fit call images/s | max foreign cores |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    header = ["workload", "preset", "clean images/step", "images/s", "reference (FACTS.md)",
+              "ratio", "PyTorch here (this run)", "ratio", "model GFLOP/image",
+              "GFLOP/s (of ceiling)", "target images/s (needs, of ceiling)",
+              "whole fit call images/s", "max foreign cores"]
+    table = []
     for r in rows:
-        ref = f"{r['reference_images_per_s']:.1f}" if r["reference_images_per_s"] else "—"
-        ratio = f"{r['ratio']:.2f}×" if r["ratio"] else "—"
-        target = (f"{r['target_images_per_s']:.1f} ({r['target_share_of_peak']:.0%})"
-                  if r["target_images_per_s"] else "—")
-        here = (f"{r['torch_here_images_per_s']:.1f} | {r['ratio_here']:.2f}×"
-                if r["torch_here_images_per_s"] else "— | —")
-        print(f"| {r['workload']} | {r['preset']} | {r['batch_size']} | {r['images_per_s']:.1f} |"
-              f" {ref} | {ratio} | {here} | {r['model_gflop_per_image']:.4f} |"
-              f" {r['model_gflop_per_s']:.0f} ({r['share_of_peak']:.0%}) | {target} |"
-              f" {r['images_per_s_whole_fit_call']:.1f} | {r['max_foreign_cores']:.2f} |")
+        reference, here = r["reference_images_per_s"], r["torch_here_images_per_s"]
+        table.append([
+            r["workload"], r["preset"], r["batch_size"], f"{r['images_per_s']:.1f}",
+            f"{reference:.1f}" if reference else "—", f"{r['ratio']:.2f}×" if reference else "—",
+            f"{here:.1f}" if here else "—", f"{r['ratio_here']:.2f}×" if here else "—",
+            f"{r['model_gflop_per_image']:.4f}",
+            f"{r['model_gflop_per_s']:.0f} ({r['share_of_peak']:.0%})",
+            f"{r['target_images_per_s']:.1f} ({r['target_share_of_peak']:.0%})"
+            if r["target_images_per_s"] else "—",
+            f"{r['images_per_s_whole_fit_call']:.1f}", f"{r['max_foreign_cores']:.2f}"])
+    print(markdown_table(header, table))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
     return 0

@@ -134,3 +134,9 @@ def test_epoch_throughput_times_nest_and_cover_the_run(tmp_path):
         assert 0 < row["validation_s"] < row["epoch_s"] - row["train_s"]
     assert sum(r["epoch_s"] for r in result["epochs"]) <= result["total_s"]
     assert result["steps_images_per_s"] > result["epoch_images_per_s"] > 0
+
+
+def test_markdown_table_has_a_header_separator_and_one_line_per_row():
+    machine = load("_machine")
+    assert machine.markdown_table(["a", "b"], [[1, "x"], ["2", 3.5]]).splitlines() == [
+        "| a | b |", "| --- | --- |", "| 1 | x |", "| 2 | 3.5 |"]
