@@ -44,6 +44,7 @@ ABSTAIN = -1
 INFERENCE_DTYPES = ("float32", "bfloat16", "float16")
 _PHILOX = 1  # RNG_ALG_PHILOX of the stateless V2 random ops
 _SELECTION, _ESTIMATION, _PREDICTION = 0, 1, 2  # noise streams ("stages") of one seed
+_STAGES = {"selection": _SELECTION, "estimation": _ESTIMATION, "prediction": _PREDICTION}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,6 +237,43 @@ class Smooth:
         outputs = fn(tf.constant(images), tf.constant(seed, tf.int64))
         return {key: value.numpy() for key, value in outputs.items()}
 
+    def count_range(self, images: Any, stage: str, start: int, stop: int, *, stride: int,
+                    batch_size: int = 1000, seed: int = 0) -> np.ndarray:
+        """Votes on samples ``[start, stop)`` of one noise stream -> int64 ``[B, C]``.
+
+        ``stage`` names the stream: ``"selection"`` (CERTIFY's n0 samples), ``"estimation"``
+        (CERTIFY's n samples) or ``"prediction"`` (PREDICT's). Sample j of image i is sample
+        ``i·stride + j`` of that stream (:meth:`sample_range_counts`), so with ``stride`` equal to
+        the run's n (or any stride for a single image) counts of disjoint ranges add up exactly to
+        the counts of :meth:`certify_details` / :meth:`predict_details` for the same seed.
+        """
+        check_choice("stage", stage, _STAGES)
+        for name, value in (("start", start), ("stop", stop), ("stride", stride)):
+            check_int_at_least(name, _as_int(value), 0)
+        if not int(start) <= int(stop) <= int(stride) or int(stride) < 1:
+            raise fail(f"need 0 <= start <= stop <= stride and stride >= 1, got start={start}, "
+                       f"stop={stop}, stride={stride}",
+                       "Pass a sample range inside each image's stride (its n).")
+        check_int_at_least("batch_size (noise samples per network call)", _as_int(batch_size), 1)
+        seed = _check_seed(seed)
+        images = self.check_images(images)
+        key = ("range", int(stride), int(batch_size))
+        if key not in self._functions:
+            shape = [None, *(self.image_shape or (None, None, None))]
+
+            def run(images, seed, stage, start, stop):
+                images = self.validate_images_graph(images)
+                return self.sample_range_counts(images, tf.stack([seed, stage]), start, stop,
+                                                int(stride), int(batch_size))
+
+            self._functions[key] = tf.function(run, autograph=False, input_signature=[
+                tf.TensorSpec(shape, tf.float32)] + [tf.TensorSpec([], tf.int64)] * 4)
+        counts = self._functions[key](tf.constant(images), tf.constant(seed, tf.int64),
+                                      tf.constant(_STAGES[stage], tf.int64),
+                                      tf.constant(int(start), tf.int64),
+                                      tf.constant(int(stop), tf.int64))
+        return counts.numpy()
+
     def check_images(self, images: Any) -> np.ndarray:
         """Validate a NumPy batch ``[B, H, W, C]`` of [0, 1] pixels -> float32 array (or raise)."""
         array = np.asarray(images)
@@ -392,6 +430,61 @@ class Smooth:
             votes = self._votes(tf.gather(images, owner) + self.sigma * noise)
             votes *= tf.cast(sample_index < total, tf.int32)[:, tf.newaxis]  # padding of last chunk
             counts += tf.cast(tf.math.unsorted_segment_sum(votes, owner, num_inputs), tf.int64)
+            return c + 1, counts
+
+        counts = tf.zeros(tf.stack([num_inputs, tf.constant(self.num_classes, tf.int64)]), tf.int64)
+        _, counts = tf.while_loop(lambda c, _: c < num_chunks, body,
+                                  (tf.constant(0, tf.int64), counts),
+                                  shape_invariants=(tf.TensorShape([]),
+                                                    tf.TensorShape([None, self.num_classes])),
+                                  parallel_iterations=self.parallel_iterations)
+        return counts
+
+    def sample_range_counts(self, images: tf.Tensor, seed: tf.Tensor, start: Any, stop: Any,
+                            stride: int, batch_size: int) -> tf.Tensor:
+        """Votes of f on samples ``j ∈ [start_i, stop_i)`` of each image i -> int64 ``[B, C]``.
+
+        Sample j of image i is sample ``t = i·stride + j`` of the noise stream ``seed`` — the
+        addressing of :meth:`sample_counts` with ``stride = num_samples`` — so the counts of
+        ``[0, n)`` for a single image (i = 0) equal ``sample_counts(image, n, ...)``, and counts
+        of consecutive ranges add up to the counts of their union. ``start``/``stop`` are int64
+        scalars or ``[B]`` vectors (``stop ≤ start`` = no samples for that image, e.g. an image
+        that has already stopped); each chunk of at most ``batch_size`` samples belongs to one
+        image, so a short range costs one network call of its own length. This is the sampler of
+        the sequential procedures and of sharded (per-chunk) certification.
+        """
+        images = tf.convert_to_tensor(images, tf.float32)
+        num_inputs = tf.shape(images, out_type=tf.int64)[0]
+        start = tf.broadcast_to(tf.cast(start, tf.int64), [num_inputs])
+        stop = tf.broadcast_to(tf.cast(stop, tf.int64), [num_inputs])
+        lengths = tf.maximum(stop - start, 0)
+        chunk = tf.constant(batch_size, tf.int64)
+        chunks_per_image = (lengths + chunk - 1) // chunk
+        chunk_ends = tf.cumsum(chunks_per_image)
+        num_chunks = tf.reduce_sum(chunks_per_image)
+        key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=tf.cast(seed, tf.int64))
+        static_pixels = images.shape[1:]
+        pixels_shape = tf.shape(images, out_type=tf.int64)[1:]
+        pixels = tf.reduce_prod(pixels_shape)
+        padded = (pixels + 3) // 4 * 4
+
+        def body(c, counts):
+            owner = tf.searchsorted(chunk_ends, tf.reshape(c, [1]), side="right")[0]
+            first_chunk = chunk_ends[owner] - chunks_per_image[owner]
+            j0 = start[owner] + (c - first_chunk) * chunk
+            rows = tf.minimum(chunk, stop[owner] - j0)
+            t0 = tf.cast(owner, tf.int64) * stride + j0
+            offset = tf.stack([t0 * (padded // 4), tf.constant(0, tf.int64)])
+            shifted = tf.bitcast(tf.bitcast(counter, tf.int64) + offset, tf.uint64)
+            noise = tf.raw_ops.StatelessRandomNormalV2(
+                shape=tf.stack([rows, padded]), key=key, counter=shifted, alg=_PHILOX,
+                dtype=tf.float32)
+            noise = tf.reshape(noise[:, :pixels], tf.concat([[rows], pixels_shape], axis=0))
+            noise = tf.ensure_shape(noise, [None, *static_pixels])
+            votes = tf.reduce_sum(self._votes(images[owner][tf.newaxis] + self.sigma * noise),
+                                  axis=0)
+            counts = tf.tensor_scatter_nd_add(counts, [[owner]],
+                                              tf.cast(votes, tf.int64)[tf.newaxis])
             return c + 1, counts
 
         counts = tf.zeros(tf.stack([num_inputs, tf.constant(self.num_classes, tf.int64)]), tf.int64)

@@ -328,3 +328,32 @@ def test_reduced_precision_needs_a_functional_model():
     Smooth(network, num_classes=2, sigma=SIGMA)  # float32 is fine
     with pytest.raises(SmoothMixError, match="Functional or Sequential"):
         Smooth(network, num_classes=2, sigma=SIGMA, inference_dtype="bfloat16")
+
+
+# ------------------------------------------------------------------------------------------------
+# counts of sample ranges (the sampler of sequential and sharded certification)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("side", [1, 2])
+def test_range_counts_add_up_to_certify_counts(side):
+    smooth = Smooth(histogram_model(side), num_classes=HIST_BINS, sigma=SIGMA)
+    images = pixel_images(3, side)
+    n0, n = 40, 700
+    full = smooth.certify_details(images, n0=n0, n=n, alpha=0.01, batch_size=256, seed=5)
+    for i in range(3):  # image i of the batch: its samples are i·n + j of the stream
+        estimation = sum(smooth.count_range(images, "estimation", a, b, stride=n, batch_size=97,
+                                            seed=5)[i] for a, b in [(0, 123), (123, 500), (500, n)])
+        np.testing.assert_array_equal(estimation, full["counts"][i])
+    selection = smooth.count_range(images, "selection", 0, n0, stride=n0, seed=5)
+    np.testing.assert_array_equal(selection, full["counts0"])
+    alone = smooth.certify_details(images[:1], n0=n0, n=n, alpha=0.01, seed=9)["counts"]
+    np.testing.assert_array_equal(smooth.count_range(images[:1], "estimation", 0, n,
+                                                     stride=10 ** 9, batch_size=64, seed=9), alone)
+    other_stage = smooth.count_range(images[:1], "prediction", 0, n, stride=n, seed=9)
+    assert not np.array_equal(other_stage, alone)
+
+
+def test_range_counts_bad_ranges(histogram_smooth):
+    with pytest.raises(SmoothMixError, match="start <= stop <= stride"):
+        histogram_smooth.count_range(pixel_images(1), "estimation", 10, 5, stride=100)
+    with pytest.raises(SmoothMixError, match="stage"):
+        histogram_smooth.count_range(pixel_images(1), "noise", 0, 5, stride=100)
