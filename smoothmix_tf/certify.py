@@ -112,6 +112,23 @@ def binomial_test_two_sided(k: Any, n: Any, p: Any = 0.5) -> tf.Tensor:
     return tf.where((k == mode) | (n <= 0.0), tf.ones_like(p_value), p_value)
 
 
+def certificate(guess: Any, count: Any, n: Any, alpha: Any, sigma: float) -> dict[str, tf.Tensor]:
+    """CERTIFY's last steps from its counts: p̲_A = LowerConfBound(count, n, 1 − alpha), abstain
+    (class −1, radius 0) when p̲_A < ½, else class ``guess`` with radius σ·Φ⁻¹(p̲_A) (paper eq. 3).
+
+    ``guess`` is ĉ_A (from the selection samples), ``count`` the estimation votes for it out of
+    ``n``. Returns ``classes`` int64, ``radius`` float32, ``p_lower`` float64. Every path that
+    turns counts into a certificate (in-process, SavedModel, sharded) goes through here, so they
+    agree to the bit.
+    """
+    p_lower = clopper_pearson_lower(count, n, alpha)
+    abstain = p_lower < 0.5
+    radius = tf.where(abstain, tf.zeros_like(p_lower), sigma * tf.math.ndtri(tf.maximum(p_lower, 0.5)))
+    guess = tf.cast(guess, tf.int64)
+    return {"classes": tf.where(abstain, tf.constant(ABSTAIN, tf.int64), guess),
+            "radius": tf.cast(radius, tf.float32), "p_lower": p_lower}
+
+
 def _binomial_cdf(m: tf.Tensor, n: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
     """P[X ≤ m] for X ~ Bin(n, p) (float64): I_{1−p}(n − m, m + 1)."""
     inside = (m >= 0.0) & (m < n)
@@ -323,12 +340,7 @@ class Smooth:
         guess = tf.argmax(counts0, axis=1, output_type=tf.int64)
         counts = self.sample_counts(images, n, _stream_seed(seed, _ESTIMATION), batch_size)
         count = tf.gather(counts, guess, axis=1, batch_dims=1)
-        p_lower = clopper_pearson_lower(count, n, alpha)
-        abstain = p_lower < 0.5
-        radius = tf.where(abstain, tf.zeros_like(p_lower),
-                          self.sigma * tf.math.ndtri(tf.maximum(p_lower, 0.5)))
-        return {"classes": tf.where(abstain, tf.constant(ABSTAIN, tf.int64), guess),
-                "radius": tf.cast(radius, tf.float32), "p_lower": p_lower, "count": count,
+        return {**certificate(guess, count, n, alpha, self.sigma), "count": count,
                 "guess": guess, "counts0": counts0, "counts": counts}
 
     def predict_graph(self, images: tf.Tensor, seed: tf.Tensor, n: int, alpha: float,
@@ -603,5 +615,5 @@ def _check_seed(seed: Any) -> int:
     return seed
 
 
-__all__ = ["ABSTAIN", "Smooth", "SmoothMixError", "binomial_test_two_sided",
+__all__ = ["ABSTAIN", "Smooth", "SmoothMixError", "binomial_test_two_sided", "certificate",
            "clopper_pearson_lower", "reduced_precision_copy"]
