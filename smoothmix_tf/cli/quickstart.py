@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_parser(sub) -> None:
@@ -27,7 +28,15 @@ def add_parser(sub) -> None:
 def cmd_quickstart(args) -> int:
     from smoothmix_tf.quickstart import run_quickstart
 
-    run_quickstart(out=args.out, method=args.method, sigma=args.sigma, epochs=args.epochs,
-                   certify_max=args.certify_max, n=args.n, seed=args.seed,
-                   overwrite=args.overwrite)
+    if (Path(args.out) / "checkpoint.keras").exists() and not args.overwrite:
+        print(f"resuming the run in {args.out} (pass --overwrite to start again)")
+    report = run_quickstart(out=args.out, method=args.method, sigma=args.sigma,
+                            epochs=args.epochs, certify_max=args.certify_max, n=args.n,
+                            seed=args.seed, overwrite=args.overwrite)
+    print()
+    print(report["table"])
+    print(f"\nACR = {report['acr']:.3f} over {report['certified_inputs']} test images "
+          f"(N = {report['n']}, α = 0.001)")
+    print(f"run folder: {report['run']}   plot: {report['plot']}   "
+          f"({report['total_seconds']:.0f} s)")
     return 0
