@@ -4,23 +4,59 @@
     model = smx.SmoothedModel(smx.architectures.lenet(10), sigma=0.5,
                               objective=smx.objectives.SmoothMix(eta=5.0))
     smooth = smx.Smooth(model.base, num_classes=10, sigma=0.5)
+
+The public names import on first use (PEP 562), so ``import smoothmix_tf`` — and the
+``smoothmix`` command line, whose help needs no TensorFlow — starts fast. Loading a ``.keras``
+checkpoint needs the library's Keras classes registered: ``smoothmix_tf.training.load_checkpoint``
+/ ``load_trained`` do it; before a bare ``keras.models.load_model`` use any name of this package
+(e.g. ``smx.SmoothedModel``) or ``import smoothmix_tf.model``. When Keras is already imported,
+``import smoothmix_tf`` registers them at once.
 """
+
+from __future__ import annotations
+
+import importlib
+import sys
 
 __version__ = "0.1.0"
 
-from smoothmix_tf import analysis, architectures, datasets, noise, objectives  # noqa: E402
-from smoothmix_tf._checks import SmoothMixError  # noqa: E402
-from smoothmix_tf.certify import Smooth, binomial_test_two_sided, clopper_pearson_lower  # noqa: E402
-from smoothmix_tf.model import SmoothedModel  # noqa: E402
+from smoothmix_tf._checks import SmoothMixError  # noqa: E402 (no TensorFlow)
+
+_MODULES = ("analysis", "architectures", "datasets", "noise", "objectives", "serving", "tuning")
+_NAMES = {  # public name -> module defining it
+    "SmoothedModel": "smoothmix_tf.model",
+    "Smooth": "smoothmix_tf.certify",
+    "clopper_pearson_lower": "smoothmix_tf.certify",
+    "binomial_test_two_sided": "smoothmix_tf.certify",
+}
 
 __all__ = ["SmoothedModel", "Smooth", "SmoothMixError", "clopper_pearson_lower",
            "binomial_test_two_sided", "analysis", "architectures", "datasets",
            "noise", "objectives", "serving", "tuning"]
 
 
-def __getattr__(name):  # serving and tuning import on first use (keras-tuner is heavy)
-    if name in ("serving", "tuning"):
-        import importlib
+def register_keras_classes() -> None:
+    """Import the modules that register the library's Keras classes (layers, objectives,
+    ``SmoothedModel``) so that ``keras.models.load_model`` can rebuild a checkpoint."""
+    importlib.import_module("smoothmix_tf.architectures")
+    importlib.import_module("smoothmix_tf.model")
 
-        return importlib.import_module(f"smoothmix_tf.{name}")
-    raise AttributeError(f"module 'smoothmix_tf' has no attribute {name!r}")
+
+def __getattr__(name: str):
+    if name in _MODULES:
+        module = importlib.import_module(f"smoothmix_tf.{name}")
+    elif name in _NAMES:
+        module = getattr(importlib.import_module(_NAMES[name]), name)
+    else:
+        raise AttributeError(f"module 'smoothmix_tf' has no attribute {name!r}")
+    register_keras_classes()
+    globals()[name] = module
+    return module
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if "keras" in sys.modules:  # Keras (so TensorFlow) is loaded already: registering costs little
+    register_keras_classes()

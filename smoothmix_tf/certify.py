@@ -38,10 +38,10 @@ import tensorflow_probability as tfp
 
 from smoothmix_tf._checks import (SmoothMixError, check_choice, check_int_at_least, check_open_unit,
                                   check_positive, fail)
+from smoothmix_tf.choices import INFERENCE_DTYPES
 from smoothmix_tf.hardware import warn_if_bfloat16_is_emulated
 
 ABSTAIN = -1
-INFERENCE_DTYPES = ("float32", "bfloat16", "float16")
 _PHILOX = 1  # RNG_ALG_PHILOX of the stateless V2 random ops
 _SELECTION, _ESTIMATION, _PREDICTION = 0, 1, 2  # noise streams ("stages") of one seed
 _STAGES = {"selection": _SELECTION, "estimation": _ESTIMATION, "prediction": _PREDICTION}

@@ -56,6 +56,7 @@ import numpy as np
 import tensorflow as tf
 
 from smoothmix_tf._checks import SmoothMixError, check_int_at_least, fail
+from smoothmix_tf.seeds import AUGMENT_PASS, SHUFFLE_PASS
 
 NAMES: tuple[str, ...] = ("mnist5k", "mnist", "cifar10", "imagenet2012")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -462,7 +463,7 @@ def _resolve_augment(augment: bool | str | None, split: str,
 
 
 def _pass_seed(seed: int, stream: int, epoch: tf.Tensor) -> tf.Tensor:
-    """Stateless key of one pass: stream 0 = shuffle order, 1 = augmentation."""
+    """Stateless key of one pass: stream SHUFFLE_PASS = shuffle order, AUGMENT_PASS = augmentation."""
     key = tf.constant([seed, stream], tf.int64)
     return tf.random.experimental.stateless_fold_in(key, tf.cast(epoch, tf.int64))
 
@@ -490,11 +491,11 @@ def _array_pipeline(images: np.ndarray, labels: np.ndarray, *, batch_size: int,
     def one_pass(epoch: tf.Tensor) -> tf.data.Dataset:
         order = tf.range(count, dtype=tf.int64)
         if shuffle:
-            order = tf.random.experimental.stateless_shuffle(order, seed=_pass_seed(seed, 0, epoch))
+            order = tf.random.experimental.stateless_shuffle(order, seed=_pass_seed(seed, SHUFFLE_PASS, epoch))
         indices = tf.data.Dataset.from_tensor_slices(order)
         if not per_image:
             return indices
-        augment_key = _pass_seed(seed, 1, epoch)
+        augment_key = _pass_seed(seed, AUGMENT_PASS, epoch)
 
         def element(index: tf.Tensor):
             element_seed = tf.random.experimental.stateless_fold_in(augment_key, index)
@@ -553,7 +554,7 @@ def _imagenet_pipeline(split: str, data_dir: str | None, *, shuffle: bool, seed:
         ds = ds.shuffle(IMAGENET_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
     ds = ds.repeat(epochs).enumerate()  # running position -> augmentation key per pass
     preprocess = _preprocess("imagenet", augment)
-    key = tf.constant([seed, 1], tf.int64)
+    key = tf.constant([seed, AUGMENT_PASS], tf.int64)
 
     def element(position, item):
         _, (image, label) = item

@@ -37,16 +37,16 @@ from __future__ import annotations
 
 import json
 import os
-import types
 from pathlib import Path
 from typing import Any
 
 import keras
 import tensorflow as tf
 
+from smoothmix_tf import _compat
 from smoothmix_tf._checks import check_choice, fail
+from smoothmix_tf.choices import STRATEGIES
 
-STRATEGIES = ("default", "mirrored", "multiworker")
 MULTIWORKER_DOC = "train/multiworker/README.md"
 _PATCHED = "_smoothmix_multiworker_fit"
 
@@ -178,7 +178,7 @@ def _symbolic_build_from_local_batch(model: keras.Model, iterator=None, data_bat
                                                next(batches))
             break
     with strategy.scope():
-        model._symbolic_build(data_batch=data_batch)
+        _compat.symbolic_build(model, data_batch)
 
 
 def _logs_as_vectors(step):
@@ -208,7 +208,7 @@ def enable_multiworker_fit(model: keras.Model,
     if model.distribute_strategy is not strategy:
         raise fail("the model was not created in this strategy's scope",
                    "Build and compile the model inside `with strategy.scope():`.")
-    model._maybe_symbolic_build = types.MethodType(_symbolic_build_from_local_batch, model)
+    _compat.replace_maybe_symbolic_build(model, _symbolic_build_from_local_batch)
     model.train_step = _logs_as_vectors(model.train_step)
     model.test_step = _logs_as_vectors(model.test_step)
     # Forget step functions traced before the patch (compile() resets them too).

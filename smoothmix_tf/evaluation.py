@@ -17,6 +17,7 @@ import numpy as np
 
 from smoothmix_tf import analysis
 from smoothmix_tf.certify import Smooth
+from smoothmix_tf.seeds import CERTIFY_INPUT, derive_seed
 
 CERTIFY_COLUMNS = ["idx", "label", "predict", "radius", "correct", "time"]
 PREDICT_COLUMNS = ["idx", "label", "predict", "correct", "time"]
@@ -24,7 +25,7 @@ PREDICT_COLUMNS = ["idx", "label", "predict", "correct", "time"]
 
 def input_seed(seed: int, index: int) -> int:
     """The noise seed of dataset input ``index`` (independent of order, batching and resumption)."""
-    return seed * 1_000_003 + index
+    return derive_seed(seed, CERTIFY_INPUT, index)
 
 
 def run_certification(smooth: Smooth, images: np.ndarray, labels: np.ndarray,

@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from smoothmix_tf import noise as noise_lib
 from smoothmix_tf._checks import check_int_at_least, check_non_negative, check_positive
+from smoothmix_tf.seeds import EVAL_NOISE, MODEL_NOISE, TRAIN_NOISE, derive_seed
 from smoothmix_tf.objectives import Gaussian, Objective
 
 
@@ -74,7 +75,7 @@ class SmoothedModel(keras.Model):
     def _next_seed(self, counter: tf.Variable, stream: int) -> tf.Tensor:
         """Stateless seed for this step on this replica; advances ``counter``."""
         step = counter.assign_add(1)
-        seed = tf.stack([tf.constant(self.seed * 4 + stream, tf.int64), step])
+        seed = tf.stack([tf.constant(derive_seed(self.seed, MODEL_NOISE, stream), tf.int64), step])
         ctx = tf.distribute.get_replica_context()
         replica = ctx.replica_id_in_sync_group if ctx is not None else 0
         return tf.random.experimental.stateless_fold_in(seed, tf.cast(replica, tf.int32))
@@ -134,14 +135,14 @@ class SmoothedModel(keras.Model):
         x, y = data[0], data[1]
         x = tf.cast(x, tf.float32)
         y = tf.cast(tf.reshape(y, [-1]), tf.int64)
-        draws = self.objective.draw(x, self.sigma, self._next_seed(self.rng_step, stream=0))
+        draws = self.objective.draw(x, self.sigma, self._next_seed(self.rng_step, stream=TRAIN_NOISE))
         return self.apply_objective(x, y, draws)
 
     def test_step(self, data):
         """Accuracy and cross-entropy of the base network under one Gaussian noise draw per image."""
         x, y = tf.cast(data[0], tf.float32), tf.cast(tf.reshape(data[1], [-1]), tf.int64)
         delta = noise_lib.gaussian_noise(x, 1, self.sigma,
-                                         self._next_seed(self.eval_rng_step, stream=1))[0]
+                                         self._next_seed(self.eval_rng_step, stream=EVAL_NOISE))[0]
         logits = tf.cast(self.base(x + delta, training=False), tf.float32)
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
         correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1), y), tf.float32)

@@ -44,14 +44,13 @@ def quick_config(method: str, sigma: float, epochs: int | None, seed: int) -> Tr
 def run_quickstart(out: str | Path = "runs/quickstart", method: str = "smoothmix",
                    sigma: float = 0.5, epochs: int | None = None, certify_max: int = 100,
                    n: int = 10_000, seed: int = 0, overwrite: bool = False) -> dict:
-    """Train, certify, report; returns {"acr": ..., "table": ..., "plot": ..., "run": ...}."""
+    """Train (or resume), certify, write the report; returns {"acr", "table", "plot", "run",
+    "resumed", "certified_inputs", "n", "total_seconds"} (the CLI prints them)."""
     out = Path(out)
     config = quick_config(method, sigma, epochs, seed)
     if out.exists() and overwrite:
         shutil.rmtree(out)
     resume = (out / "checkpoint.keras").exists()
-    if resume:
-        print(f"resuming the run in {out} (pass --overwrite to start again)")
     started = time.time()
     model = train(config, out, resume=resume, verbose=1)
     trained = time.time() - started
@@ -73,8 +72,4 @@ def run_quickstart(out: str | Path = "runs/quickstart", method: str = "smoothmix
     summary = {"acr": acr, "train_seconds": trained, "total_seconds": time.time() - started,
                "certified_inputs": len(result.idx), "n": n}
     analysis.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    print()
-    print(table)
-    print(f"\nACR = {acr:.3f} over {len(result.idx)} test images (N = {n}, α = 0.001)")
-    print(f"run folder: {out}   plot: {plot}   ({summary['total_seconds']:.0f} s)")
-    return {"acr": acr, "table": table, "plot": plot, "run": out}
+    return {"acr": acr, "table": table, "plot": plot, "run": out, "resumed": resume, **summary}

@@ -45,7 +45,6 @@ ignores) and renamed into place, so a crash never leaves a half model that TF Se
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -516,92 +515,6 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, n0: int = 10
                   source=str(checkpoint), overwrite=overwrite, parallel_images=parallel_images)
 
 
-# ------------------------------------------------------------------------------------------------
-# command line (`smoothmix export`)
-# ------------------------------------------------------------------------------------------------
-EXPORT_DESCRIPTION = """\
-Export a trained smoothed classifier as a TF Serving SavedModel with CERTIFY and PREDICT
-in the graph: the server answers "class c, certified l2 radius r at confidence 1 - alpha"
-with no Python. σ, n0, n, alpha and the noise batch are fixed at export time, returned
-with every answer and written to OUT/assets/smoothmix.json with the run's config.
-
-Signatures: serving_default / predict (PREDICT), certify (CERTIFY), probabilities (base
-softmax); *_uint8 take uint8 pixels [0, 255]; *_seeded take a second input `seed`
-(int64, one per image). Each image is certified alone with its seed, so an answer equals
-Smooth(...).certify(image[None], seed=seed) in Python. See export/README.md."""
-
-EXPORT_EPILOG = """\
-examples:
-  smoothmix export --checkpoint runs/sm --out models/smoothmix/1
-  smoothmix export --checkpoint runs/sm --out models/smoothmix/2 --n 10000 --alpha 0.001
-  saved_model_cli show --dir models/smoothmix/1 --all
-  docker run --rm -p 8501:8501 -v "$PWD/models/smoothmix:/models/smoothmix" \\
-      -e MODEL_NAME=smoothmix tensorflow/serving"""
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of ``smoothmix export`` (for cli.py)."""
-    parser.add_argument("--checkpoint", required=True,
-                        help="a training run folder (smoothmix train --out DIR) or a .keras file "
-                             "of a SmoothedModel / base network")
-    parser.add_argument("--out", required=True, metavar="MODEL_BASE/VERSION",
-                        help="export folder; its name is the TF Serving version number, e.g. "
-                             "models/smoothmix/1")
-    parser.add_argument("--sigma", type=float,
-                        help="noise level σ (default: the one the checkpoint was trained with)")
-    parser.add_argument("--n0", type=int, default=100,
-                        help="CERTIFY selection samples per image (default 100)")
-    parser.add_argument("--n", type=int, default=100_000,
-                        help="estimation samples per image, CERTIFY and PREDICT (default 100,000)")
-    parser.add_argument("--alpha", type=float, default=0.001,
-                        help="failure probability of a certificate / PREDICT (default 0.001)")
-    parser.add_argument("--batch", type=int, default=1000,
-                        help="noise samples per network call (speed/memory only; default 1000)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the signatures without a seed input (default 0)")
-    parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"],
-                        default="float32",
-                        help="inference precision of the base network (the certificate is then "
-                             "for the reduced-precision classifier)")
-    parser.add_argument("--jit-compile", action="store_true",
-                        help="XLA-compile the sampling loop (GPUs; the server must support XLA)")
-    parser.add_argument("--parallel-images", type=int, default=1,
-                        help="images of one request processed at once (default 1)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing version (TF Serving does not reload a version "
-                             "it already serves: prefer a new version number)")
-    return parser
-
-
-def run_export_command(args: argparse.Namespace) -> int:
-    """``smoothmix export``: export, then print where it went and how to serve it."""
-    path = export_from_checkpoint(args.checkpoint, args.out, n0=args.n0, n=args.n,
-                                  alpha=args.alpha, batch_size=args.batch, sigma=args.sigma,
-                                  seed=args.seed, precision=args.precision,
-                                  jit_compile=args.jit_compile, overwrite=args.overwrite,
-                                  parallel_images=args.parallel_images)
-    meta = read_metadata(path)
-    print(f"exported {path} (σ={meta['sigma']}, n0={meta['n0']}, n={meta['n']}, "
-          f"alpha={meta['alpha']}; radii up to {meta['max_certifiable_radius']:.3f})")
-    print("signatures: " + ", ".join(sorted(meta["signatures"])))
-    base = path.resolve().parent
-    print(f"serve: docker run --rm -p 8500:8500 -p 8501:8501 -v \"{base}:/models/{base.name}\" "
-          f"-e MODEL_NAME={base.name} tensorflow/serving --rest_api_timeout_in_ms=600000")
-    return 0
-
-
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Register ``smoothmix export`` on cli.py's sub-command parsers."""
-    parser = subparsers.add_parser(
-        "export", help="SavedModel for TF Serving with CERTIFY/PREDICT in the graph",
-        formatter_class=argparse.RawDescriptionHelpFormatter, description=EXPORT_DESCRIPTION,
-        epilog=EXPORT_EPILOG)
-    add_export_arguments(parser)
-    parser.set_defaults(func=run_export_command)
-    return parser
-
-
-__all__ = ["SmoothServingModule", "add_cli", "add_export_arguments", "atomic_write_folder",
-           "check_request_images", "check_request_seeds", "existing_versions", "export",
-           "export_from_checkpoint", "max_certifiable_radius", "next_version_path",
-           "read_metadata", "run_export_command"]
+__all__ = ["SmoothServingModule", "atomic_write_folder", "check_request_images",
+           "check_request_seeds", "existing_versions", "export", "export_from_checkpoint",
+           "max_certifiable_radius", "next_version_path", "read_metadata"]

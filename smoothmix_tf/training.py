@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from smoothmix_tf.distribute import (STRATEGIES, enable_multiworker_fit, make_st
                                      shard_by_data, worker_run_dir)
 from smoothmix_tf.hardware import warn_if_bfloat16_is_emulated
 from smoothmix_tf.model import SmoothedModel
+from smoothmix_tf.seeds import EPOCH_DATA, derive_seed
 
 
 @dataclasses.dataclass
@@ -174,20 +176,41 @@ class EpochProgress(keras.callbacks.Callback):
         self.bar.close()
 
 
-def _epoch_dataset(config: TrainConfig, epoch: int):
-    """Training data of one epoch: its shuffle and augmentation depend only on (seed, epoch)."""
+def epoch_dataset(config: TrainConfig, epoch: int, holdout: bool = False) -> tf.data.Dataset:
+    """Training data of one epoch: its shuffle and augmentation depend only on (seed, epoch).
+
+    ``holdout=True`` leaves out the validation tenth of the training split (tuning trials).
+    """
     return shard_by_data(datasets.load(config.dataset, "train", config.batch_size, shuffle=True,
-                                       seed=config.seed * 100_003 + epoch,
+                                       seed=derive_seed(config.seed, EPOCH_DATA, epoch),
                                        data_dir=config.data_dir, limit=config.train_limit,
-                                       drop_remainder=True))
+                                       drop_remainder=True, holdout=holdout))
 
 
-def _steps_per_epoch(config: TrainConfig) -> int:
-    steps = int(_epoch_dataset(config, 0).cardinality())
+def steps_per_epoch(config: TrainConfig, holdout: bool = False) -> int:
+    """Optimizer steps of one epoch of :func:`epoch_dataset` (an error when there are none)."""
+    steps = int(epoch_dataset(config, 0, holdout=holdout).cardinality())
     if steps < 1:
-        raise fail(f"batch_size {config.batch_size} is larger than the training set",
-                   "Use a smaller --batch-size or more training data.")
+        left = " left after holding out the validation split" if holdout else ""
+        raise fail(f"batch_size {config.batch_size} is larger than the training data{left}",
+                   "Use a smaller --batch-size (or --set batch_size=...) or more training data.")
     return steps
+
+
+def fit_epochs(model: SmoothedModel, config: TrainConfig, initial_epoch: int, final_epoch: int,
+               callbacks: list[keras.callbacks.Callback], *,
+               validation_data: tf.data.Dataset | None = None, holdout: bool = False,
+               after_epoch: Callable[[int], None] | None = None) -> SmoothedModel:
+    """The epoch loop of every training (``train`` and the tuning trials): one ``model.fit`` call
+    per epoch on :func:`epoch_dataset`, so the data of epoch e depends only on (seed, e) and an
+    interrupted run resumes bit for bit; ``after_epoch(epochs_done)`` runs after each epoch."""
+    for epoch in range(int(initial_epoch), int(final_epoch)):
+        model.fit(epoch_dataset(config, epoch, holdout=holdout), epochs=epoch + 1,
+                  initial_epoch=epoch, validation_data=validation_data, verbose=0, shuffle=False,
+                  callbacks=callbacks)
+        if after_epoch is not None:
+            after_epoch(epoch + 1)
+    return model
 
 
 def _save_checkpoint(model: SmoothedModel, run_dir: Path, epochs_done: int) -> None:
@@ -250,7 +273,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, verbose: i
                        "Resume with the same settings (or start a new --out folder).")
     atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2))
 
-    steps = _steps_per_epoch(config)
+    steps = steps_per_epoch(config)
     start = completed_epochs(run_dir) if resume else 0
     with strategy.scope():
         model = load_checkpoint(run_dir) if start > 0 else build_model(config, steps)
@@ -264,9 +287,6 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, verbose: i
                keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False)]
     if verbose:
         logs_cb.append(EpochProgress(config.epochs, steps))
-    for epoch in range(start, config.epochs):
-        model.fit(_epoch_dataset(config, epoch), epochs=epoch + 1, initial_epoch=epoch,
-                  validation_data=test_ds, verbose=0, shuffle=False,
-                  callbacks=logs_cb + list(callbacks or []))
-        _save_checkpoint(model, run_dir, epoch + 1)
-    return model
+    return fit_epochs(model, config, start, config.epochs, logs_cb + list(callbacks or []),
+                      validation_data=test_ds,
+                      after_epoch=lambda done: _save_checkpoint(model, run_dir, done))

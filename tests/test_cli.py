@@ -103,3 +103,33 @@ def test_bad_certify_settings_exit_2(tmp_path, trained_run, capsys):
                      "--out", str(tmp_path / "x.tsv")])
         assert code == 2, flag
         assert name in capsys.readouterr().err, flag
+
+
+def test_help_imports_neither_tensorflow_nor_keras_tuner():
+    """`smoothmix --help` and every `smoothmix COMMAND --help` start without the heavy imports."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from smoothmix_tf import cli\n"
+        "parser = cli.build_parser()\n"
+        f"for argv in [['--help']] + [[c, '--help'] for c in {COMMANDS!r}]:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n"
+        "            parser.parse_args(argv)\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "heavy = sorted(m for m in ('tensorflow', 'keras', 'keras_tuner') if m in sys.modules)\n"
+        "print('heavy:', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "heavy: []" in out.stdout, out.stdout
+
+
+def test_argparse_lives_only_in_the_cli_package():
+    from pathlib import Path
+
+    import smoothmix_tf
+
+    root = Path(smoothmix_tf.__file__).parent
+    users = [str(p.relative_to(root)) for p in root.rglob("*.py")
+             if "import argparse" in p.read_text() and p.parent.name != "cli"]
+    assert not users, f"argparse outside smoothmix_tf/cli: {users}"

@@ -29,6 +29,7 @@ from smoothmix_tf import serving
 from smoothmix_tf._checks import SmoothMixError
 from smoothmix_tf.architectures import lenet
 from smoothmix_tf.certify import Smooth
+from smoothmix_tf.cli import export as export_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGMA, N0, N, ALPHA, BATCH, SEED = 0.25, 100, 1000, 0.001, 400, 3
@@ -490,7 +491,7 @@ def test_export_from_run_folder_via_cli(tmp_path, capsys):
 
 
 def test_cli_help_is_complete():
-    parser = serving.add_export_arguments(__import__("argparse").ArgumentParser())
+    parser = export_cli.add_export_arguments(__import__("argparse").ArgumentParser())
     text = parser.format_help()
     for flag in ("--checkpoint", "--out", "--sigma", "--n0", "--n", "--alpha", "--batch",
                  "--seed", "--precision", "--overwrite"):

@@ -24,6 +24,7 @@ import pytest
 from scipy import stats
 
 from smoothmix_tf import datasets, presets, training, tuning
+from smoothmix_tf.cli import tune as tune_cli
 from smoothmix_tf._checks import SmoothMixError
 
 SIGMA = 0.5
@@ -48,14 +49,14 @@ def tiny_with_epochs(epochs: int) -> list[str]:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="smoothmix tune")
-    tuning.add_tune_arguments(parser)
+    tune_cli.add_tune_arguments(parser)
     return parser.parse_args(argv)
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = tuning.run_tune_command(parse(argv))
+        code = tune_cli.run_tune_command(parse(argv))
     return code, out.getvalue(), err.getvalue()
 
 
@@ -232,7 +233,7 @@ def test_a_continued_trial_resumes_its_schedule_and_noise_draws(tmp_path):
     import keras_tuner
 
     argv = tiny_with_epochs(2) + ["--directory", str(tmp_path), "--set", "lr_decay_epochs=[1]"]
-    settings = tuning.settings_from_args(parse(argv))
+    settings = tune_cli.settings_from_args(parse(argv))
     hypermodel = tuning.SmoothMixHyperModel(settings.base, settings.space, settings.certification)
     hp = keras_tuner.HyperParameters()
     model = hypermodel.build(hp)
@@ -266,7 +267,7 @@ def test_hyperband_search_promotes_a_trial_end_to_end(tmp_path):
 
 
 def test_resume_runs_only_the_remaining_trial(tmp_path):
-    settings = tuning.settings_from_args(parse(TINY + ["--directory", str(tmp_path),
+    settings = tune_cli.settings_from_args(parse(TINY + ["--directory", str(tmp_path),
                                                        "--max-trials", "2", "--no-tensorboard"]))
     first, second = tmp_path / "first.log", tmp_path / "second.log"
     with pytest.raises(KeyboardInterrupt):
@@ -288,7 +289,7 @@ def test_resume_runs_only_the_remaining_trial(tmp_path):
     assert resumed1["hyperparameters"]["values"] == trial1["hyperparameters"]["values"]
 
     # resuming with different settings is refused
-    other = tuning.settings_from_args(parse(TINY + ["--directory", str(tmp_path),
+    other = tune_cli.settings_from_args(parse(TINY + ["--directory", str(tmp_path),
                                                     "--max-trials", "2", "--n", "300"]))
     with pytest.raises(SmoothMixError, match="other settings.*certification"):
         tuning.run_search(other)
@@ -354,7 +355,7 @@ def test_bad_search_spaces_raise_clear_errors(kwargs, message):
 ])
 def test_bad_arguments_raise_clear_errors(tmp_path, extra, message):
     with pytest.raises(SmoothMixError, match=message):
-        tuning.settings_from_args(parse(TINY + ["--directory", str(tmp_path)] + extra))
+        tune_cli.settings_from_args(parse(TINY + ["--directory", str(tmp_path)] + extra))
 
 
 def test_space_defaults_and_lengths_in_units_of_sigma():
@@ -390,7 +391,7 @@ def test_missing_tensorboard_or_sklearn_is_reported_before_searching(monkeypatch
 def test_help_is_complete():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
-    text = tuning.add_cli(sub).format_help()
+    text = tune_cli.add_parser(sub).format_help()
     for flag in ("--dataset", "--sigma", "--tuner", "--max-trials", "--epochs", "--directory",
                  "--eta-range", "--attack-length-range", "--attack-steps", "--set",
                  "--train-limit", "--val-limit", "--n0", "--n", "--seed", "--overwrite",

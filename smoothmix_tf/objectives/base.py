@@ -20,6 +20,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from smoothmix_tf import _compat
 from smoothmix_tf import layers as fast_layers
 from smoothmix_tf import noise as noise_lib
 from smoothmix_tf._checks import check_choice, check_int_at_least
@@ -108,7 +109,7 @@ _TRAINING_INVARIANT_LAYERS = frozenset({
     keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply, keras.layers.Concatenate,
     keras.layers.Identity, keras.layers.Rescaling, keras.layers.Normalization,
 })
-_GRAPH_MODELS = (keras.Sequential, keras.src.models.functional.Functional)
+_GRAPH_MODELS = (keras.Sequential, _compat.functional_model_class())
 
 
 def is_training_invariant(network: keras.layers.Layer) -> bool:

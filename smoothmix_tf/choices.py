@@ -1,0 +1,6 @@
+"""Names the command line offers as choices, kept free of TensorFlow so that ``smoothmix --help``
+can list them without importing it (the library modules import them from here)."""
+
+STRATEGIES = ("default", "mirrored", "multiworker")  # distribute.make_strategy
+TUNERS = ("random", "bayesian", "hyperband")  # tuning.make_tuner
+INFERENCE_DTYPES = ("float32", "bfloat16", "float16")  # certify.Smooth(inference_dtype=...)
