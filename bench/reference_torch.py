@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import add_step_timing_arguments, median, timed_repeats  # noqa: E402
 
 # name: (architecture, clean images per step, noise samples m (None: Gaussian), sigma, attack steps T,
-#        step size alpha) -- the presets train_throughput.py runs (train/presets/*.toml)
+#        step size alpha) -- the presets train_throughput.py runs (smoothmix_tf/recipes/*.toml)
 WORKLOADS = {
     "gaussian": ("lenet", 256, None, 0.5, 0, 0.0),
     "smoothmix-s0.25": ("lenet", 64, 4, 0.25, 2, 1.0),
