@@ -232,7 +232,7 @@ def restrict(result, indices: Sequence[int]):
 
 def write_if_changed(path: Path, text: str) -> bool:
     """Atomically write ``text`` unless the file already holds exactly it; True when written."""
-    from smoothmix_tf.analysis import atomic_write_text
+    from smoothmix_tf.atomic import atomic_write_text
 
     if path.exists() and path.read_text(encoding="utf-8") == text:
         return False
@@ -283,7 +283,7 @@ class TimingLog:
         self.save()
 
     def save(self) -> None:
-        from smoothmix_tf.analysis import atomic_write_text
+        from smoothmix_tf.atomic import atomic_write_text
 
         self.data["machine"] = machine_line()
         atomic_write_text(self.path, json.dumps(self.data, indent=2))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from smoothmix_tf import analysis, datasets
 from smoothmix_tf._checks import fail
+from smoothmix_tf.atomic import atomic_write_text
 from smoothmix_tf.certify import Smooth
 from smoothmix_tf.evaluation import run_certification
 from smoothmix_tf.training import TrainConfig, train
@@ -69,10 +70,10 @@ def run_quickstart(out: str | Path = "runs/quickstart", method: str = "smoothmix
     acr = analysis.average_certified_radius(result)
     plot = analysis.plot_certified_accuracy({name: result}, out / "certified_accuracy.png",
                                             title=f"Certified accuracy, N={n}, α=0.001")
-    analysis.atomic_write_text(out / "results.md", table + "\n")
+    atomic_write_text(out / "results.md", table + "\n")
     summary = {"acr": acr, "train_seconds": trained, "total_seconds": time.time() - started,
                "certified_inputs": len(result.idx), "n": n}
-    analysis.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print()
     print(table)
     print(f"\nACR = {acr:.3f} over {len(result.idx)} test images (N = {n}, α = 0.001)")

@@ -48,11 +48,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import shutil
 import statistics
 import tempfile
-import uuid
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -60,6 +57,7 @@ from typing import Any
 import tensorflow as tf
 
 from smoothmix_tf._checks import check_int_at_least, fail
+from smoothmix_tf.atomic import atomic_write_folder
 from smoothmix_tf.certify import (Smooth, _check_certify_settings, _check_predict_settings,
                                   _check_seed)
 
@@ -408,46 +406,6 @@ def _check_version_path(path: Path, overwrite: bool) -> None:
                    f"overwrite=True (--overwrite) to replace it.")
 
 
-def _fsync_tree(root: Path) -> None:
-    """Flush every file (and folder) under ``root`` to disk before it is renamed into place."""
-    for folder, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as handle:
-                os.fsync(handle.fileno())
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
-def _remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def atomic_write_folder(target: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
-    """Run ``write(temp_dir)`` then rename the folder to ``target`` (replacing it if
-    ``overwrite``). The temporary folder ``target.parent/.tmp-export-<version>-…`` is never a
-    number, so a crash leaves nothing TF Serving would load; it is removed on any error."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{target.name}-", dir=target.parent))
-    try:
-        write(temp)
-        _fsync_tree(temp)
-        if target.exists():
-            _check_version_path(target, overwrite)
-            old = target.parent / f"{_OLD_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(target, old)
-            os.rename(temp, target)
-            _remove_tree(old)
-        else:
-            os.rename(temp, target)  # fails (never merges) if a non-empty folder appeared
-    except BaseException:
-        _remove_tree(temp)
-        raise
-    return target
-
-
 def export(smooth: Smooth, path: str | Path, n0: int = 100, n: int = 100_000,
            alpha: float = 0.001, batch_size: int = 1000, *, seed: int = 0,
            run_config: dict | None = None, source: str | None = None, overwrite: bool = False,
@@ -484,7 +442,8 @@ def export(smooth: Smooth, path: str | Path, n0: int = 100, n: int = 100_000,
             module.metadata_file = tf.saved_model.Asset(str(metadata_path))
             tf.saved_model.save(module, str(folder), signatures=signatures)
 
-    return atomic_write_folder(target, write, overwrite)
+    return atomic_write_folder(target, write, overwrite=overwrite, temp_prefix=TEMP_PREFIX,
+                               old_prefix=_OLD_PREFIX)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -601,7 +560,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-__all__ = ["SmoothServingModule", "add_cli", "add_export_arguments", "atomic_write_folder",
+__all__ = ["SmoothServingModule", "add_cli", "add_export_arguments",
            "check_request_images", "check_request_seeds", "existing_versions", "export",
            "export_from_checkpoint", "max_certifiable_radius", "next_version_path",
            "read_metadata", "run_export_command"]

@@ -329,25 +329,8 @@ def test_missing_file_wrong_header_and_empty_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# atomic writes, table, plot
+# table, plot
 # ------------------------------------------------------------------------------------------------
-def test_atomic_write_text_replaces_and_leaves_no_temp(tmp_path, monkeypatch):
-    path = tmp_path / "deep" / "table.md"
-    assert analysis.atomic_write_text(path, "first ✓\n") == path
-    analysis.atomic_write_text(path, "second\n")
-    assert path.read_text(encoding="utf-8") == "second\n"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["table.md"]
-
-    def broken_replace(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(analysis.os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
-        analysis.atomic_write_text(path, "third\n")
-    assert path.read_text() == "second\n"  # the old file is intact
-    assert sorted(p.name for p in path.parent.iterdir()) == ["table.md"]
-
-
 def test_markdown_table_contents():
     tiny = _tiny_result()
     rng = np.random.default_rng(2)

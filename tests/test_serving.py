@@ -25,7 +25,7 @@ import tensorflow as tf
 
 import keras
 
-from smoothmix_tf import serving
+from smoothmix_tf import atomic, serving
 from smoothmix_tf._checks import SmoothMixError
 from smoothmix_tf.architectures import lenet
 from smoothmix_tf.certify import Smooth
@@ -434,7 +434,7 @@ def test_killed_export_leaves_only_an_ignored_temp_folder(tmp_path, smooth, monk
             raise SystemExit("simulated kill before the rename")
         return real_rename(source, target)
 
-    monkeypatch.setattr(serving, "_remove_tree", lambda path: None)  # a killed process: no cleanup
+    monkeypatch.setattr(atomic, "_remove_tree", lambda path: None)  # a killed process: no cleanup
     monkeypatch.setattr(os, "rename", killed)
     with pytest.raises(SystemExit):
         serving.export(smooth, tmp_path / "1", n0=10, n=50, batch_size=50)
