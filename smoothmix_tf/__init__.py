@@ -11,9 +11,9 @@ __version__ = "0.1.0"
 from smoothmix_tf import analysis, architectures, datasets, noise, objectives  # noqa: E402
 from smoothmix_tf._checks import SmoothMixError  # noqa: E402
 from smoothmix_tf.certify import Smooth, binomial_test_two_sided, clopper_pearson_lower  # noqa: E402
-from smoothmix_tf.model import SmoothedModel  # noqa: E402
+from smoothmix_tf.model import EpochTracker, SmoothedModel  # noqa: E402
 
-__all__ = ["SmoothedModel", "Smooth", "SmoothMixError", "clopper_pearson_lower",
+__all__ = ["SmoothedModel", "EpochTracker", "Smooth", "SmoothMixError", "clopper_pearson_lower",
            "binomial_test_two_sided", "analysis", "architectures", "datasets",
            "noise", "objectives", "serving", "tuning"]
 

@@ -22,23 +22,11 @@ from __future__ import annotations
 import tensorflow as tf
 
 from smoothmix_tf import noise as noise_lib
+from smoothmix_tf.noise import as_dtype, loss_dtype_for
 
 SMOOTHMIX_NORM_OFFSET = 1e-8  # g / (‖g‖ + 1e-8) in SmoothMix's attack
 RENORM_OFFSET = 1e-7  # torch.renorm: scale = maxnorm / (norm + 1e-7) where norm > maxnorm
 PROBABILITY_FLOOR = 1e-20  # clamp of the averaged probability before the log
-
-
-def as_dtype(value, dtype: tf.DType) -> tf.Tensor:
-    """A Python number or tensor as a ``dtype`` tensor (``tf.cast`` of a Python float would round it
-    to float32 first)."""
-    if isinstance(value, (tf.Tensor, tf.Variable)):
-        return tf.cast(value, dtype)
-    return tf.constant(value, dtype)
-
-
-def loss_dtype_for(x: tf.Tensor) -> tf.DType:
-    """float64 for float64 inputs (exact comparisons), float32 otherwise (e.g. mixed precision)."""
-    return tf.float64 if x.dtype == tf.float64 else tf.float32
 
 
 def smoothed_nll(network, x_adv: tf.Tensor, y: tf.Tensor, noise: tf.Tensor,
@@ -159,5 +147,4 @@ def pgd_l2(network, x: tf.Tensor, y: tf.Tensor, noise: tf.Tensor, epsilon, attac
 
 
 __all__ = ["smoothmix_ascent", "pgd_l2", "smoothed_nll", "smoothed_nll_from_logits",
-           "ascent_direction", "ascent_direction_and_logits", "project_l2", "clip_unit",
-           "loss_dtype_for", "as_dtype"]
+           "ascent_direction", "ascent_direction_and_logits", "project_l2", "clip_unit"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,13 +19,13 @@ import keras
 import tensorflow as tf
 
 from smoothmix_tf import architectures, datasets, objectives
-from smoothmix_tf.analysis import atomic_write_text
 from smoothmix_tf._checks import (check_choice, check_int_at_least,
                                   check_non_negative, check_positive, fail)
+from smoothmix_tf.atomic import atomic_write_file, atomic_write_text
 from smoothmix_tf.distribute import (STRATEGIES, enable_multiworker_fit, make_strategy,
                                      shard_by_data, worker_run_dir)
 from smoothmix_tf.hardware import warn_if_bfloat16_is_emulated
-from smoothmix_tf.model import SmoothedModel
+from smoothmix_tf.model import EpochTracker, SmoothedModel
 
 
 @dataclasses.dataclass
@@ -191,9 +190,7 @@ def _steps_per_epoch(config: TrainConfig) -> int:
 
 
 def _save_checkpoint(model: SmoothedModel, run_dir: Path, epochs_done: int) -> None:
-    tmp = run_dir / ".checkpoint.tmp.keras"
-    model.save(tmp)
-    os.replace(tmp, run_dir / "checkpoint.keras")
+    atomic_write_file(run_dir / "checkpoint.keras", lambda tmp: model.save(tmp), suffix=".keras")
     atomic_write_text(run_dir / "state.json",
                       json.dumps({"epochs_completed": epochs_done, "time": time.time()}, indent=2))
 
@@ -260,7 +257,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, verbose: i
                                           limit=config.test_limit))
     if start == 0 and (run_dir / "history.csv").exists():
         (run_dir / "history.csv").unlink()  # left by a run interrupted in its first epoch
-    logs_cb = [keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+    logs_cb = [EpochTracker(), keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
                keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False)]
     if verbose:
         logs_cb.append(EpochProgress(config.epochs, steps))

@@ -11,7 +11,8 @@ import tensorflow as tf
 
 from smoothmix_tf import noise as noise_lib
 from smoothmix_tf._checks import check_int_at_least, check_positive
-from smoothmix_tf.adversaries import loss_dtype_for, pgd_l2
+from smoothmix_tf.adversaries import pgd_l2
+from smoothmix_tf.noise import loss_dtype_for
 from smoothmix_tf.objectives.base import Objective, noisy_accuracy, register, warmup_factor
 
 
@@ -25,6 +26,8 @@ class SmoothAdv(Objective):
         attack_steps: T ≥ 1 PGD steps of length 2ε/T (10).
         warmup_epochs: ε grows as ε·min(1, (epoch+1)/warmup_epochs) (0: no warm-up).
     """
+
+    metric_names = ("noisy_accuracy", "adv_distance", "epsilon")
 
     def __init__(self, noise_samples: int = 4, epsilon: float = 1.0, attack_steps: int = 10,
                  warmup_epochs: int = 10):
@@ -49,6 +52,10 @@ class SmoothAdv(Objective):
                 "adv_distance": tf.reduce_mean(noise_lib.per_sample_l2(x_adv - x)),
                 "epsilon": epsilon}
         return loss, {k: tf.cast(v, tf.float32) for k, v in logs.items()}
+
+    @property
+    def uses_epoch(self) -> bool:
+        return self.warmup_epochs > 0
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon, "attack_steps": self.attack_steps,

@@ -22,7 +22,8 @@ import tensorflow as tf
 from smoothmix_tf import noise as noise_lib
 from smoothmix_tf._checks import check_int_at_least, check_non_negative, check_positive, fail
 from smoothmix_tf.adversaries import (SMOOTHMIX_NORM_OFFSET, ascent_direction_and_logits,
-                                     clip_unit, loss_dtype_for, project_l2, smoothmix_ascent)
+                                     clip_unit, project_l2, smoothmix_ascent)
+from smoothmix_tf.noise import loss_dtype_for
 from smoothmix_tf.objectives.base import (Objective, is_training_invariant, noisy_accuracy,
                                           register, split_seed, warmup_factor)
 
@@ -68,6 +69,8 @@ class SmoothMix(Objective):
             ``--maxnorm_s``); default α. The paper's ImageNet setting (Appendix G) is α = 8,
             T = 1, ``one_step_radius = 1``.
     """
+
+    metric_names = ("loss_nat", "loss_mix", "noisy_accuracy", "mask_rate", "adv_distance")
 
     def __init__(self, noise_samples: int = 4, attack_steps: int = 4, step_size: float = 1.0,
                  eta: float = 5.0, one_step_adversary: bool = False, max_norm: float | None = None,
@@ -150,6 +153,10 @@ class SmoothMix(Objective):
             "adv_distance": tf.reduce_mean(noise_lib.per_sample_l2(x_adv - x)),
         }
         return loss, {k: tf.cast(v, tf.float32) for k, v in logs.items()}
+
+    @property
+    def uses_epoch(self) -> bool:
+        return self.warmup_epochs > 0
 
     # -- serialization ----------------------------------------------------------------------
     def get_config(self):
