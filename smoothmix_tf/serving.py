@@ -2,7 +2,7 @@
 
 The export carries the *certificate*, not just the base network: a TF Serving deployment answers
 "class c, certified ℓ2 radius r at confidence 1 − α" on its own, with no Python of ours. The graph
-is :meth:`Smooth.certify_graph` / :meth:`Smooth.predict_graph` (METHOD.md §1, Cohen et al.'s
+is :meth:`Smooth.certify_graph` / :meth:`Smooth.predict_graph` (Cohen et al.'s
 CERTIFY and PREDICT) traced once — no second implementation — and holds core TensorFlow ops only,
 so it loads in a process that imports nothing but ``tensorflow``.
 
@@ -34,6 +34,7 @@ answer it wants has no guarantee.
 
 Bad requests (wrong rank / shape / channels / dtype, values outside [0, 1], NaN/Inf, an empty
 batch, a wrong number of seeds) fail with INVALID_ARGUMENT and a message saying what was expected.
+The checks are :func:`smoothmix_tf.images.validate_images` (the validator the Python API uses):
 TF Serving does not check request shapes against the signature, and TensorFlow's own graph
 optimizer trusts the declared shape, so the rank/shape checks compare the shape actually received
 (padded with −1 so that a wrong rank cannot be folded away at graph-optimization time).
@@ -60,11 +61,15 @@ from smoothmix_tf._checks import check_int_at_least, fail
 from smoothmix_tf.atomic import atomic_write_folder
 from smoothmix_tf.certify import (Smooth, _check_certify_settings, _check_predict_settings,
                                   _check_seed)
+from smoothmix_tf.images import received_shape, validate_images
 
 FORMAT_VERSION = 1
 METADATA_FILE = "smoothmix.json"
 TEMP_PREFIX = ".tmp-export-"  # not a number: TF Serving never loads it as a version
 _OLD_PREFIX = ".old-export-"
+
+_REQUEST_RANGE_HINT = ("scale uint8 pixels by 1/255, or send them as uint8 to the *_uint8 "
+                       "signatures")
 
 CERTIFY_OUTPUTS = {"classes": tf.int64, "radius": tf.float32, "p_lower": tf.float64,
                    "count": tf.int64}
@@ -84,69 +89,11 @@ CERTIFICATE_MEANING = (
 # ------------------------------------------------------------------------------------------------
 # in-graph request checks (INVALID_ARGUMENT with a clear message)
 # ------------------------------------------------------------------------------------------------
-def _padded_shape(tensor: tf.Tensor, length: int) -> tf.Tensor:
-    """The runtime shape of ``tensor`` padded with −1 to ``length`` entries (first ``length``).
-
-    Computed from the values of ``Shape``, never from the static rank: Grappler trusts the
-    declared input shape of a signature and folds ``Rank`` to a constant, which would silently
-    skip a rank check on a request that TF Serving passed through unchecked.
-    """
-    shape = tf.raw_ops.Shape(input=tensor, out_type=tf.int64)
-    return tf.concat([shape, tf.fill([length], tf.constant(-1, tf.int64))], axis=0)[:length]
-
-
-def check_request_images(images: tf.Tensor, image_shape: tuple[int | None, ...],
-                         dtype_text: str) -> tf.Tensor:
-    """Rank 4, the network's height/width/channels and a non-empty batch, checked on the shape
-    actually received (InvalidArgumentError naming the expected and the received shape).
-    Returns ``images`` with the static shape ``[None, *image_shape]``."""
-    want = "[batch, " + ", ".join("?" if d is None else str(d) for d in image_shape) + "]"
-    received = tf.raw_ops.Shape(input=images, out_type=tf.int64)
-    shape = _padded_shape(images, 5)
-    expected = f"images must be a {dtype_text} tensor of shape {want}"
-    rank_ok = tf.logical_and(tf.reduce_all(shape[1:4] >= 0), tf.equal(shape[4], -1))
-    rank_check = tf.debugging.Assert(
-        rank_ok, [f"{expected} (rank 4: batch, height, width, channels); got shape", received],
-        summarize=8)
-    with tf.control_dependencies([rank_check]):
-        size_ok = tf.constant(True)
-        for axis, size in enumerate(image_shape, start=1):
-            if size is not None:
-                size_ok = tf.logical_and(size_ok, tf.equal(shape[axis], size))
-        size_check = tf.debugging.Assert(
-            size_ok, [f"{expected} (the base network's input size); got shape", received],
-            summarize=8)
-    with tf.control_dependencies([size_check]):
-        empty_check = tf.debugging.Assert(
-            shape[0] >= 1, ["images is an empty batch: send at least one image; got shape",
-                            received], summarize=8)
-    with tf.control_dependencies([empty_check]):
-        images = tf.identity(images)
-    return tf.ensure_shape(images, [None, *image_shape])
-
-
-def check_request_pixels(images: tf.Tensor) -> tf.Tensor:
-    """float32 pixels must be finite and in [0, 1] (InvalidArgumentError naming the range got and
-    pointing raw [0, 255] pixels to the ``*_uint8`` signatures)."""
-    finite_check = tf.debugging.Assert(
-        tf.reduce_all(tf.math.is_finite(images)),
-        ["images contain NaN or infinite values: send finite pixels in [0, 1]"])
-    with tf.control_dependencies([finite_check]):
-        low, high = tf.reduce_min(images), tf.reduce_max(images)
-        range_check = tf.debugging.Assert(
-            tf.logical_and(low >= 0.0, high <= 1.0),
-            [("image values must lie in [0, 1] (pixels before normalization): scale uint8 "
-              "pixels by 1/255, or send them as uint8 to the *_uint8 signatures; got min and "
-              "max"), low, high])
-    with tf.control_dependencies([range_check]):
-        return tf.identity(images)
-
-
 def check_request_seeds(seeds: tf.Tensor, images: tf.Tensor) -> tf.Tensor:
     """One int64 seed >= 0 per image: shape ``[batch]`` (InvalidArgumentError otherwise)."""
     batch = tf.shape(images, out_type=tf.int64)[0]
     received = tf.raw_ops.Shape(input=seeds, out_type=tf.int64)
-    shape = _padded_shape(seeds, 2)
+    shape = received_shape(seeds, 2)
     shape_check = tf.debugging.Assert(
         tf.logical_and(tf.equal(shape[0], batch), tf.equal(shape[1], -1)),
         [("seed must be an int64 vector with one seed per image: expected shape [batch] with "
@@ -243,11 +190,9 @@ class SmoothServingModule(tf.Module):
 
     # -- signatures -----------------------------------------------------------------------------
     def _as_float(self, images: tf.Tensor, uint8: bool) -> tf.Tensor:
-        images = check_request_images(images, self.image_shape,
-                                      "uint8" if uint8 else "float32")
-        if uint8:
-            return tf.cast(images, tf.float32) / 255.0
-        return check_request_pixels(images)
+        """The request's images checked (shape; float pixels finite and in [0, 1]) as float32."""
+        images = validate_images(images, self.image_shape, range_hint=_REQUEST_RANGE_HINT)
+        return tf.cast(images, tf.float32) / 255.0 if uint8 else images
 
     def _default_seeds(self, images: tf.Tensor) -> tf.Tensor:
         return tf.fill(tf.shape(images, out_type=tf.int64)[:1],
@@ -293,7 +238,7 @@ class SmoothServingModule(tf.Module):
 # metadata
 # ------------------------------------------------------------------------------------------------
 def max_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
-    """σ·Φ⁻¹(α^{1/n}): the radius when all n estimation votes agree (METHOD.md §1)."""
+    """σ·Φ⁻¹(α^{1/n}): the radius when all n estimation votes agree (paper eq. 3)."""
     bound = alpha ** (1.0 / n)
     return sigma * statistics.NormalDist().inv_cdf(bound) if bound > 0.5 else 0.0
 
@@ -561,6 +506,6 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
 
 
 __all__ = ["SmoothServingModule", "add_cli", "add_export_arguments",
-           "check_request_images", "check_request_seeds", "existing_versions", "export",
+           "check_request_seeds", "existing_versions", "export",
            "export_from_checkpoint", "max_certifiable_radius", "next_version_path",
            "read_metadata", "run_export_command"]
