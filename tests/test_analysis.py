@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _shared import SHARED, require
 from smoothmix_tf import analysis
 from smoothmix_tf._checks import SmoothMixError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REFERENCE = SHARED / "reference" / "certify"
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
 
@@ -39,10 +39,7 @@ TABLE_RADII = [0.25 * i for i in range(12)]
 
 
 def _reference_file(name: str) -> Path:
-    path = REFERENCE / name
-    if not path.is_file():
-        pytest.skip(f"reference file {path} absent")
-    return path
+    return require(REFERENCE / name)
 
 
 def _independent_columns(path: Path) -> dict[str, np.ndarray]:
