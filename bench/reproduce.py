@@ -1,7 +1,7 @@
-"""Reproduce the paper's certified-accuracy tables on a training budget (issue #6).
+"""Reproduce the paper's certified-accuracy tables on a training budget.
 
 For every preset: train it (the paper's schedule compressed into ``--epochs`` epochs), certify the
-first K test images with CERTIFY (Cohen et al.; METHOD.md §1), then write one results folder:
+first K test images with CERTIFY (Cohen et al.; paper eq. 3), then write one results folder:
 
     OUT/runs/<preset>/        the training run (config.json, checkpoint.keras, history.csv, ...)
     OUT/<preset>.tsv (+.json) the certification, reference TSV format (+ its settings)
@@ -385,7 +385,7 @@ def load_references(paths: Sequence[Path], ours: dict[str, Any],
 
 
 def max_radius(sigma: float, n: int, alpha: float) -> float:
-    """σ·Φ⁻¹(α^(1/n)): the largest radius CERTIFY can return (METHOD.md §1)."""
+    """σ·Φ⁻¹(α^(1/n)): the largest radius CERTIFY can return (paper eq. 3)."""
     from statistics import NormalDist
 
     return sigma * NormalDist().inv_cdf(alpha ** (1.0 / n))

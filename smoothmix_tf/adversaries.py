@@ -1,4 +1,4 @@
-"""Adversaries on the soft-smoothed classifier F̂ (METHOD.md §2): SmoothMix (eq. 8), SmoothAdv PGD.
+"""Adversaries on the soft-smoothed classifier F̂: SmoothMix (paper eq. 8), SmoothAdv PGD (eq. 6).
 
 Both maximize J(x') = −log( clamp((1/m) Σ_i F_y(x' + δ_i), 1e-20) ) with the m noise tensors δ_i
 held fixed, by steps along the per-sample ℓ2-normalized gradient, from x (no random start). The base
@@ -100,7 +100,7 @@ def clip_unit(x: tf.Tensor) -> tf.Tensor:
 def smoothmix_ascent(network, x: tf.Tensor, y: tf.Tensor, noise: tf.Tensor, step_size,
                      attack_steps: int, max_norm=None, return_first: bool = False,
                      first_direction: tf.Tensor | None = None):
-    """SmoothMix's unrestricted adversary on F̂ (paper eq. 8, METHOD.md §2 step 2).
+    """SmoothMix's unrestricted adversary on F̂ (paper eq. 8; ``docs/method.md``).
 
     x̃⁽⁰⁾ = x; for t = 0..T−1: x̃⁽ᵗ⁺¹⁾ = clip_[0,1](Π_ε(x̃⁽ᵗ⁾ + α·g/(‖g‖₂ + 1e-8))), g = ∇J(x̃⁽ᵗ⁾),
     Π_ε the ℓ2 projection of x̃ − x to ``max_norm`` (none by default). ``noise`` is ``[m, b, ...]``
@@ -130,7 +130,7 @@ def smoothmix_ascent(network, x: tf.Tensor, y: tf.Tensor, noise: tf.Tensor, step
 
 def pgd_l2(network, x: tf.Tensor, y: tf.Tensor, noise: tf.Tensor, epsilon, attack_steps: int,
            step_size=None) -> tf.Tensor:
-    """SmoothAdv's ℓ2 PGD on F̂ (Salman et al., multi-noise PGD; METHOD.md §2 "Baselines").
+    """SmoothAdv's ℓ2 PGD on F̂ (Salman et al., multi-noise PGD; paper eq. 6).
 
     From x' = x (no random start), T times: x' ← x' + s·g/‖g‖₂ with s = ``step_size`` (default
     2ε/T); clip x' to [0, 1]; project x' − x into the ε-ball. ``epsilon`` may be a tensor (warm-up).

@@ -1,6 +1,6 @@
 """Certification results: read/write the reference TSV, ACR, certified accuracy, tables and plots.
 
-Implements the metrics of METHOD.md §1 (Cohen et al. 2019; paper §4, Table 2):
+Implements the metrics of Cohen et al. 2019 (paper §4, Table 2):
 
 - approximate certified accuracy at radius r = fraction of rows where CERTIFY did not abstain, was
   correct, and returned radius ≥ r;
@@ -94,7 +94,7 @@ def _require_rows(result: CertificationResult) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# metrics (METHOD.md §1)
+# metrics (paper §4)
 # ------------------------------------------------------------------------------------------------
 def average_certified_radius(result: CertificationResult) -> float:
     """ACR = (1/|D|) Σ radius · 1[correct] over the rows present (abstain/wrong count 0)."""

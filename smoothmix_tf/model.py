@@ -3,7 +3,7 @@
 ``model.compile(optimizer=...); model.fit(train_ds, validation_data=test_ds,
 callbacks=[EpochTracker()])`` runs the objective's ``draw -> loss -> gradients -> apply`` in
 ``train_step`` (inside ``tf.function``, optionally XLA). The base network sees [0,1] pixels; the
-noise δ ~ N(0, σ²I) is added in that space (paper §2, eq. 1; ``docs/method.md``).
+noise δ ~ N(0, σ²I) is added in that space (paper eq. 2 and 4; ``docs/method.md``).
 
 - Weight decay is *coupled* L2 (PyTorch SGD semantics, as in the authors' code; ``docs/method.md``):
   ``weight_decay·w`` is added to the gradient of every trainable weight, i.e.

@@ -20,7 +20,7 @@ from smoothmix_tf.evaluation import run_certification
 from smoothmix_tf.training import TrainConfig, train
 
 # Small-budget recipes for the 4,000-image training set: the paper's hyperparameters for σ = 0.5
-# (METHOD.md §2), a larger learning rate and a compressed schedule.
+# (paper Appendix C), a larger learning rate and a compressed schedule.
 QUICK_OBJECTIVES = {
     "smoothmix": {"method": "smoothmix", "noise_samples": 4, "attack_steps": 4, "step_size": 1.0,
                   "eta": 5.0, "one_step_adversary": False, "warmup_epochs": 3},

@@ -1,4 +1,4 @@
-"""Training runs: configuration, optimizer and schedule (METHOD.md §3), checkpoints that resume.
+"""Training runs: configuration, optimizer and schedule (paper Appendix C), checkpoints that resume.
 
 A run folder holds ``config.json`` (the full configuration), ``checkpoint.keras`` (model, optimizer
 state, epoch and random-stream counters, written atomically after every epoch), ``state.json``
@@ -99,7 +99,7 @@ class TrainConfig:
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     """SGD with momentum, learning rate ×decay at each of ``lr_decay_epochs`` (step schedule).
 
-    Weight decay is not here: it is the model's coupled L2 (METHOD.md §3).
+    Weight decay is not here: it is the model's coupled L2 (``docs/method.md``).
     """
     # PiecewiseConstantDecay keeps value i while step <= boundary i; step e·S opens epoch e.
     boundaries = [e * steps_per_epoch - 1 for e in sorted(config.lr_decay_epochs)]

@@ -1,7 +1,7 @@
 """Benchmark tools. bench/_flops.py: the model FLOPs of a traced train step equal closed forms
-written out by hand from the layer shapes and the number of passes each objective makes (issue #3's
-benchmark uses them to say how much of the processor a training rate uses). bench/epoch_throughput.py:
-its epoch times nest (steps within the training pass within the epoch) and add up to the run."""
+written out by hand from the layer shapes and the number of passes each objective makes (the
+throughput benchmark uses them to say how much of the processor a training rate uses).
+bench/epoch_throughput.py: its epoch times nest (steps within the training pass within the epoch) and add up to the run."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""Consistency regularization (Jeong & Shin 2020) as the reference code computes it (METHOD.md §2).
+"""Consistency regularization (Jeong & Shin 2020) as the reference code computes it (``docs/method.md``).
 
 z_i = logits of copy i, F̂ = mean_i softmax(z_i) (not detached);
 L = mean CE(z_i, y) over the m·b copies + λ·mean_b[(1/m) Σ_i KL(F̂ ‖ softmax(z_i))]
     + η'·mean_b H(F̂),
-H(p) = −Σ_k p_k·log(clamp(p_k, 1e-20)). METHOD.md's η' is called ``entropy_weight`` here (``eta`` is
-SmoothMix's mixup weight).
+H(p) = −Σ_k p_k·log(clamp(p_k, 1e-20)). The entropy weight η' of Jeong & Shin is called
+``entropy_weight`` here (``eta`` is SmoothMix's mixup weight).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MACER (Zhai et al. 2020) as the reference code computes it (METHOD.md §2 "Baselines").
+"""MACER (Zhai et al. 2020) as the reference code computes it (``docs/method.md``).
 
 z = logits of the m noisy copies; L_cl = Σ_b −log(mean_i softmax(z_i)_y + 1e-10);
 p̃ = mean_i softmax(β·z_i); on samples with argmax p̃ = y, with p1 ≥ p2 the top two of p̃,

@@ -1,4 +1,5 @@
-"""SmoothAdv (Salman et al. 2019, PGD variant) as the reference code computes it (METHOD.md §2).
+"""SmoothAdv (Salman et al. 2019, PGD variant) as the reference code computes it (paper eq. 5–6;
+``docs/method.md``).
 
 δ_1..δ_m drawn once and held fixed; x̂ = ``adversaries.pgd_l2`` on F̂ with ε warmed up as
 ε·min(1, (epoch+1)/warmup_epochs), T steps of 2ε/T, no random start; L = mean CE over the m·b

@@ -1,4 +1,5 @@
-"""SmoothMix (Jeong et al. 2021; Algorithm 1, eqs. 7–11) exactly as METHOD.md §2 steps 1–7.
+"""SmoothMix (Jeong et al. 2021; Algorithm 1, eqs. 7–11) as the authors' code computes it
+(``docs/method.md``, Training objectives).
 
 1. m noise tensors δ_i drawn once per step, reused by the attack and both passes;
 2. x̃⁽ᵀ⁾ = T steps of the unrestricted adversary on F̂ (eq. 8, ``adversaries.smoothmix_ascent``);
@@ -51,7 +52,7 @@ def uniform_target(num_classes: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
 
 @register("smoothmix")
 class SmoothMix(Objective):
-    """SmoothMix loss L = L_nat + η·w·L_mix (METHOD.md §2).
+    """SmoothMix loss L = L_nat + η·w·L_mix (paper eq. 11, with the warm-up w of the authors' code).
 
     Args:
         noise_samples: m, noise copies per image (the same δ_i in every pass).

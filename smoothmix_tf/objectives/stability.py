@@ -1,4 +1,4 @@
-"""Stability training (Li et al. 2019) as the reference code computes it (METHOD.md §2 "Baselines").
+"""Stability training (Li et al. 2019) as the reference code computes it (``docs/method.md``).
 
 L = CE(f(x), y) + λ·Σ_k −softmax(f(x))_k · log softmax(f(x + δ))_k, batch mean; the clean soft
 target is not detached. With m > 1 noise copies the stability term is averaged over the m·b copies.
