@@ -84,7 +84,7 @@ def measure(name: str, args) -> dict:
 
     from smoothmix_tf import presets
     from smoothmix_tf.architectures import get as get_architecture
-    from smoothmix_tf.model import SmoothedModel
+    from smoothmix_tf.model import EpochTracker, SmoothedModel
     from smoothmix_tf.training import TrainConfig, make_optimizer, mixed_precision_policy
 
     preset, reference = WORKLOADS[name]
@@ -113,7 +113,7 @@ def measure(name: str, args) -> dict:
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(config.batch_size).cache()
     # warm-up: a whole untimed run (the first fit over a dataset also pays one-off setup costs
     # beyond tracing, ~2.5 s here, which a short timed run would otherwise include)
-    model.fit(ds, epochs=1, verbose=0, shuffle=False)
+    model.fit(ds, epochs=1, verbose=0, shuffle=False, callbacks=[EpochTracker()])
 
     step_times: list[list[float]] = []
 
@@ -126,7 +126,7 @@ def measure(name: str, args) -> dict:
 
     def run():
         step_times.append([])
-        model.fit(ds, epochs=1, verbose=0, shuffle=False, callbacks=[StepTimer()])
+        model.fit(ds, epochs=1, verbose=0, shuffle=False, callbacks=[EpochTracker(), StepTimer()])
 
     times, foreign = timed_repeats(run, args.repeats, args.max_foreign, args.wait)
     # Keras's fit has a per-call cost outside the steps (seconds at times, per epoch in real
