@@ -39,8 +39,9 @@ class EpochTracker(keras.callbacks.Callback):
     ``fit(..., initial_epoch=k)`` the first epoch is k). Pass it to ``fit`` whenever the objective
     has a warm-up (``objective.uses_epoch``); it is harmless otherwise."""
 
-    def on_train_begin(self, logs=None):
-        self.model.epoch_tracker_attached = True
+    def set_model(self, model):  # Keras attaches the callbacks before it builds the train function
+        super().set_model(model)
+        model.epoch_tracker_attached = True
 
     def on_epoch_begin(self, epoch, logs=None):
         self.model.epoch.assign(float(epoch))
@@ -126,12 +127,17 @@ class SmoothedModel(keras.Model):
             self.trackers[name].update_state(value)
         return {name: self.trackers[name].result() for name in reported}
 
-    def train_step(self, data):
+    def make_train_function(self, force=False):
+        """Keras' train function (built once; Keras asks for it at every ``fit``), after checking
+        that an objective with a warm-up will see the epoch."""
         if self.objective.uses_epoch and not self.epoch_tracker_attached:
             raise fail(f"{self.objective!r} reads the epoch (warm-up) but model.fit runs without "
                        f"an EpochTracker, so the warm-up would stay at epoch 0",
                        "Pass callbacks=[smoothmix_tf.EpochTracker()] to fit (or set "
                        "model.epoch yourself and model.epoch_tracker_attached = True).")
+        return super().make_train_function(force=force)
+
+    def train_step(self, data):
         x, y = data[0], data[1]
         x = tf.cast(x, tf.float32)
         y = tf.cast(tf.reshape(y, [-1]), tf.int64)

@@ -69,6 +69,8 @@ def test_warmup_objective_without_epoch_tracker_is_a_clear_error():
         model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[EpochTracker()])
     assert float(model.epoch) == 1.0
+    with pytest.raises(SmoothMixError, match="EpochTracker"):  # every fit is checked
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
 
 
 def _plateau_model():
