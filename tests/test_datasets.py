@@ -4,7 +4,6 @@ ImageNet transforms, TFDS under tfds.testing.mock_data, and the fast offline fai
 
 import gzip
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -9,7 +9,6 @@ the shared folder is absent.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
