@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: is the machine idle? (FACTS.md: other jobs can slow it 2–6×.)
+"""Shared by the benchmarks: is the machine idle? (Other jobs can slow it 2–6×.)
 
 Foreign CPU use = busy ticks of the whole machine minus this process's own ticks, from /proc.
 """

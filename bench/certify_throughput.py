@@ -3,7 +3,7 @@
 Times ``Smooth.certify`` one input per call (as a certification run does) at N0 = 100, N = 100,000
 for several batch sizes (noise samples per network call) and inference precisions, and compares the
 median with the reference PyTorch implementation of Cohen et al. on this machine kind: 10.4 s per
-input = 9,642 noise samples/s (shared/FACTS.md). The weights are random: speed does not depend on
+input = 9,642 noise samples/s (docs/performance.md). The weights are random: speed does not depend on
 them. Other sessions' jobs slow this machine 2–6×, so before every timed call the machine is
 checked for foreign CPU use (/proc/stat minus this process), busy periods are waited out
 (``--wait``), calls during which other processes used more than ``--max-foreign-cpu`` cores are
@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_ticks, foreign_cpu, wait_until_idle  # noqa: E402
 
-REFERENCE_SAMPLES_PER_S = 9_642.0  # Cohen et al.'s Smooth.certify, LeNet, batch 1,000 (FACTS.md)
+REFERENCE_SAMPLES_PER_S = 9_642.0  # Cohen et al.'s Smooth.certify, LeNet, batch 1,000 (docs/performance.md)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,7 +64,7 @@ def lenet():
     try:
         from smoothmix_tf.architectures import lenet as library_lenet
         return library_lenet(num_classes=10)
-    except ImportError:  # METHOD.md §3 LeNet, inline
+    except ImportError:  # the paper's LeNet (Appendix C), inline
         import keras
         inputs = keras.Input((28, 28, 1))
         x = keras.layers.Conv2D(20, 5, activation="relu")(inputs)

@@ -1,15 +1,16 @@
 """PyTorch on *this* machine: the training steps of ``train_throughput.py``'s reference workloads,
-written in PyTorch from METHOD.md §2–§3, to compare both frameworks in one run.
+written in PyTorch from the paper (eq. 8–11, Appendix C) and docs/method.md, to compare both
+frameworks in one run.
 
-Why: FACTS.md's reference figures (the authors' PyTorch code) were measured on another processor
+Why: the reference figures of the authors' PyTorch code were measured on another processor
 kind (its header: Sapphire Rapids; a float32 matmul ceiling of ~400 GFLOP/s), while this machine
 may differ (``lscpu``; ``train_throughput.py`` measures the ceiling in the same run). This script
 runs the same work the authors' code does per optimizer step -- the same networks, batch
-semantics (b clean images × m noise copies, METHOD.md §2), the adversary with T separate
+semantics (b clean images × m noise copies, docs/method.md), the adversary with T separate
 input-gradient passes in inference mode with the weights frozen, then the clean and the mixed pass
 in training mode and one SGD (momentum 0.9, coupled weight decay 1e-4) step -- in plain eager
 PyTorch (``torch.set_num_threads`` = the core count), as the authors' code runs. It is an
-independent implementation, not the authors' code: its losses follow METHOD.md, its speed is
+independent implementation, not the authors' code: its losses follow docs/method.md, its speed is
 what PyTorch gives for that work. Random data: speed does not depend on it.
 
 Needs ``torch`` (not a dependency of the project): ``pip install torch`` in any environment, then
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import add_step_timing_arguments, median, timed_repeats  # noqa: E402
 
 # name: (architecture, clean images per step, noise samples m (None: Gaussian), sigma, attack steps T,
-#        step size alpha) -- the presets train_throughput.py runs (train/presets/*.toml)
+#        step size alpha) -- the presets train_throughput.py runs (smoothmix_tf/recipes/*.toml)
 WORKLOADS = {
     "gaussian": ("lenet", 256, None, 0.5, 0, 0.0),
     "smoothmix-s0.25": ("lenet", 64, 4, 0.25, 2, 1.0),
@@ -47,7 +48,7 @@ def build(architecture: str):
     import torch
     from torch import nn
 
-    if architecture == "lenet":  # METHOD.md §3
+    if architecture == "lenet":  # paper Appendix C
         return nn.Sequential(
             nn.Conv2d(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.ReLU(),
             nn.MaxPool2d(2), nn.Flatten(), nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, CLASSES))
@@ -93,7 +94,7 @@ def smoothed_nll(network, x, y, noise):
 
 
 def attack(network, x, y, noise, steps: int, step_size: float):
-    """METHOD.md §2 step 2: T normalized ascent steps, clipped to [0, 1], weights frozen."""
+    """Paper eq. 8: T normalized ascent steps, clipped to [0, 1], weights frozen."""
     import torch
 
     network.eval()
@@ -112,7 +113,7 @@ def attack(network, x, y, noise, steps: int, step_size: float):
 
 
 def smoothmix_loss(network, x, y, noise, lam, steps: int, step_size: float):
-    """METHOD.md §2 steps 2–7 for the draws (noise [m, b, ...], lam [b]); no one-step adversary,
+    """Paper eq. 8–11 (Algorithm 1) for the draws (noise [m, b, ...], lam [b]); no one-step adversary,
     warm-up factor 1."""
     import torch
     import torch.nn.functional as F

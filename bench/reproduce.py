@@ -1,7 +1,7 @@
-"""Reproduce the paper's certified-accuracy tables on a training budget (issue #6).
+"""Reproduce the paper's certified-accuracy tables on a training budget.
 
 For every preset: train it (the paper's schedule compressed into ``--epochs`` epochs), certify the
-first K test images with CERTIFY (Cohen et al.; METHOD.md §1), then write one results folder:
+first K test images with CERTIFY (Cohen et al.; paper eq. 3), then write one results folder:
 
     OUT/runs/<preset>/        the training run (config.json, checkpoint.keras, history.csv, ...)
     OUT/<preset>.tsv (+.json) the certification, reference TSV format (+ its settings)
@@ -232,7 +232,7 @@ def restrict(result, indices: Sequence[int]):
 
 def write_if_changed(path: Path, text: str) -> bool:
     """Atomically write ``text`` unless the file already holds exactly it; True when written."""
-    from smoothmix_tf.analysis import atomic_write_text
+    from smoothmix_tf.atomic import atomic_write_text
 
     if path.exists() and path.read_text(encoding="utf-8") == text:
         return False
@@ -283,7 +283,7 @@ class TimingLog:
         self.save()
 
     def save(self) -> None:
-        from smoothmix_tf.analysis import atomic_write_text
+        from smoothmix_tf.atomic import atomic_write_text
 
         self.data["machine"] = machine_line()
         atomic_write_text(self.path, json.dumps(self.data, indent=2))
@@ -385,7 +385,7 @@ def load_references(paths: Sequence[Path], ours: dict[str, Any],
 
 
 def max_radius(sigma: float, n: int, alpha: float) -> float:
-    """σ·Φ⁻¹(α^(1/n)): the largest radius CERTIFY can return (METHOD.md §1)."""
+    """σ·Φ⁻¹(α^(1/n)): the largest radius CERTIFY can return (paper eq. 3)."""
     from statistics import NormalDist
 
     return sigma * NormalDist().inv_cdf(alpha ** (1.0 / n))

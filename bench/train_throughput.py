@@ -2,19 +2,19 @@
 SmoothMix on CIFAR ResNet-110), median of repeats with an idle-machine check.
 
 Clean images per optimizer step follow the paper's batch semantics (256/m clean images × m noise
-copies per step, METHOD.md §2), the same work per image as the authors' PyTorch code. Three
+copies per step, docs/method.md), the same work per image as the authors' PyTorch code. Three
 yardsticks, one table:
 
-- FACTS.md's reference figures (the authors' code, measured on *its* machine kind): SmoothMix MNIST
-  σ = 1.0 / 0.5 / 0.25: 153 / 266 / 402 images/s, Gaussian 6,631, SmoothMix ResNet-110 11.5;
-  issue #3's target is 1.5× each.
+- the reference figures of the authors' code (measured on *its* machine kind;
+  docs/performance.md): SmoothMix MNIST σ = 1.0 / 0.5 / 0.25: 153 / 266 / 402 images/s,
+  Gaussian 6,631, SmoothMix ResNet-110 11.5; the target is 1.5× each.
 - ``--torch-python PYTHON``: the same steps in PyTorch on *this* machine, in the same run
   (``reference_torch.py``, run with a Python that has torch, right after each workload).
 - The processor itself: the step's model FLOPs (``_flops.py``: every convolution and matrix
   product of the traced step, forward and both gradients) per second, as a share of a large
   matmul's rate in the network's compute dtype measured in the same run -- the most any
   convolution computes on this machine. The target's column says what share of that ceiling
-  1.5× FACTS.md's figure would need; above 100 % it is out of reach in that precision here.
+  1.5× the reference figure would need; above 100 % it is out of reach in that precision here.
 
 Weights and images are random: speed does not depend on them.
 
@@ -41,7 +41,7 @@ from _machine import (add_step_timing_arguments, gemm_gflops, machine_line,  # n
                       markdown_table, median, timed_repeats)
 from reference_torch import WORKLOADS as TORCH_WORKLOADS  # noqa: E402
 
-TARGET_RATIO = 1.5  # issue #3: at least 1.5× each reference
+TARGET_RATIO = 1.5  # the target: at least 1.5× each reference
 
 # name: (preset, reference clean images/s or None)
 WORKLOADS = {
@@ -63,7 +63,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=list(WORKLOADS), help="workloads to run")
     add_step_timing_arguments(p)
-    p.add_argument("--jit-compile", action="store_true", help="XLA (slower on this CPU, FACTS.md)")
+    p.add_argument("--jit-compile", action="store_true", help="XLA (slower on CPUs, docs/performance.md)")
     p.add_argument("--mixed-precision", action="store_true",
                    help="the network in bfloat16 (CPU) / float16 (GPU), as `smoothmix train "
                         "--mixed-precision`; float32 otherwise")
@@ -84,7 +84,7 @@ def measure(name: str, args) -> dict:
 
     from smoothmix_tf import presets
     from smoothmix_tf.architectures import get as get_architecture
-    from smoothmix_tf.model import SmoothedModel
+    from smoothmix_tf.model import EpochTracker, SmoothedModel
     from smoothmix_tf.training import TrainConfig, make_optimizer, mixed_precision_policy
 
     preset, reference = WORKLOADS[name]
@@ -113,7 +113,7 @@ def measure(name: str, args) -> dict:
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(config.batch_size).cache()
     # warm-up: a whole untimed run (the first fit over a dataset also pays one-off setup costs
     # beyond tracing, ~2.5 s here, which a short timed run would otherwise include)
-    model.fit(ds, epochs=1, verbose=0, shuffle=False)
+    model.fit(ds, epochs=1, verbose=0, shuffle=False, callbacks=[EpochTracker()])
 
     step_times: list[list[float]] = []
 
@@ -126,7 +126,7 @@ def measure(name: str, args) -> dict:
 
     def run():
         step_times.append([])
-        model.fit(ds, epochs=1, verbose=0, shuffle=False, callbacks=[StepTimer()])
+        model.fit(ds, epochs=1, verbose=0, shuffle=False, callbacks=[EpochTracker(), StepTimer()])
 
     times, foreign = timed_repeats(run, args.repeats, args.max_foreign, args.wait)
     # Keras's fit has a per-call cost outside the steps (seconds at times, per epoch in real
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
           f"precision: {rows[0]['precision'] if rows else '—'}; "
           f"steps per execution: {args.steps_per_execution}; {dtype} matmul ceiling "
           f"{peak:.0f} GFLOP/s (4096², same run)\n")
-    header = ["workload", "preset", "clean images/step", "images/s", "reference (FACTS.md)",
+    header = ["workload", "preset", "clean images/step", "images/s", "reference (authors' code)",
               "ratio", "PyTorch here (this run)", "ratio", "model GFLOP/image",
               "GFLOP/s (of ceiling)", "target images/s (needs, of ceiling)",
               "whole fit call images/s", "max foreign cores"]

@@ -25,12 +25,13 @@ from smoothmix_tf._checks import SmoothMixError  # noqa: E402 (no TensorFlow)
 _MODULES = ("analysis", "architectures", "datasets", "noise", "objectives", "serving", "tuning")
 _NAMES = {  # public name -> module defining it
     "SmoothedModel": "smoothmix_tf.model",
+    "EpochTracker": "smoothmix_tf.model",
     "Smooth": "smoothmix_tf.certify",
     "clopper_pearson_lower": "smoothmix_tf.certify",
     "binomial_test_two_sided": "smoothmix_tf.certify",
 }
 
-__all__ = ["SmoothedModel", "Smooth", "SmoothMixError", "clopper_pearson_lower",
+__all__ = ["SmoothedModel", "EpochTracker", "Smooth", "SmoothMixError", "clopper_pearson_lower",
            "binomial_test_two_sided", "analysis", "architectures", "datasets",
            "noise", "objectives", "serving", "tuning"]
 

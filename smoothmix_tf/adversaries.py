@@ -1,4 +1,4 @@
-"""Adversaries on the soft-smoothed classifier F̂ (METHOD.md §2): SmoothMix (eq. 8), SmoothAdv PGD.
+"""Adversaries on the soft-smoothed classifier F̂: SmoothMix (paper eq. 8), SmoothAdv PGD (eq. 6).
 
 Both maximize J(x') = −log( clamp((1/m) Σ_i F_y(x' + δ_i), 1e-20) ) with the m noise tensors δ_i
 held fixed, by steps along the per-sample ℓ2-normalized gradient, from x (no random start). The base
@@ -22,23 +22,11 @@ from __future__ import annotations
 import tensorflow as tf
 
 from smoothmix_tf import noise as noise_lib
+from smoothmix_tf.noise import as_dtype, loss_dtype_for
 
 SMOOTHMIX_NORM_OFFSET = 1e-8  # g / (‖g‖ + 1e-8) in SmoothMix's attack
 RENORM_OFFSET = 1e-7  # torch.renorm: scale = maxnorm / (norm + 1e-7) where norm > maxnorm
 PROBABILITY_FLOOR = 1e-20  # clamp of the averaged probability before the log
-
-
-def as_dtype(value, dtype: tf.DType) -> tf.Tensor:
-    """A Python number or tensor as a ``dtype`` tensor (``tf.cast`` of a Python float would round it
-    to float32 first)."""
-    if isinstance(value, (tf.Tensor, tf.Variable)):
-        return tf.cast(value, dtype)
-    return tf.constant(value, dtype)
-
-
-def loss_dtype_for(x: tf.Tensor) -> tf.DType:
-    """float64 for float64 inputs (exact comparisons), float32 otherwise (e.g. mixed precision)."""
-    return tf.float64 if x.dtype == tf.float64 else tf.float32
 
 
 def smoothed_nll(network, x_adv: tf.Tensor, y: tf.Tensor, noise: tf.Tensor,
@@ -112,7 +100,7 @@ def clip_unit(x: tf.Tensor) -> tf.Tensor:
 def smoothmix_ascent(network, x: tf.Tensor, y: tf.Tensor, noise: tf.Tensor, step_size,
                      attack_steps: int, max_norm=None, return_first: bool = False,
                      first_direction: tf.Tensor | None = None):
-    """SmoothMix's unrestricted adversary on F̂ (paper eq. 8, METHOD.md §2 step 2).
+    """SmoothMix's unrestricted adversary on F̂ (paper eq. 8; ``docs/method.md``).
 
     x̃⁽⁰⁾ = x; for t = 0..T−1: x̃⁽ᵗ⁺¹⁾ = clip_[0,1](Π_ε(x̃⁽ᵗ⁾ + α·g/(‖g‖₂ + 1e-8))), g = ∇J(x̃⁽ᵗ⁾),
     Π_ε the ℓ2 projection of x̃ − x to ``max_norm`` (none by default). ``noise`` is ``[m, b, ...]``
@@ -142,7 +130,7 @@ def smoothmix_ascent(network, x: tf.Tensor, y: tf.Tensor, noise: tf.Tensor, step
 
 def pgd_l2(network, x: tf.Tensor, y: tf.Tensor, noise: tf.Tensor, epsilon, attack_steps: int,
            step_size=None) -> tf.Tensor:
-    """SmoothAdv's ℓ2 PGD on F̂ (Salman et al., multi-noise PGD; METHOD.md §2 "Baselines").
+    """SmoothAdv's ℓ2 PGD on F̂ (Salman et al., multi-noise PGD; paper eq. 6).
 
     From x' = x (no random start), T times: x' ← x' + s·g/‖g‖₂ with s = ``step_size`` (default
     2ε/T); clip x' to [0, 1]; project x' − x into the ε-ball. ``epsilon`` may be a tensor (warm-up).
@@ -159,5 +147,4 @@ def pgd_l2(network, x: tf.Tensor, y: tf.Tensor, noise: tf.Tensor, epsilon, attac
 
 
 __all__ = ["smoothmix_ascent", "pgd_l2", "smoothed_nll", "smoothed_nll_from_logits",
-           "ascent_direction", "ascent_direction_and_logits", "project_l2", "clip_unit",
-           "loss_dtype_for", "as_dtype"]
+           "ascent_direction", "ascent_direction_and_logits", "project_l2", "clip_unit"]

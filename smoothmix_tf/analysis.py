@@ -1,6 +1,6 @@
 """Certification results: read/write the reference TSV, ACR, certified accuracy, tables and plots.
 
-Implements the metrics of METHOD.md §1 (Cohen et al. 2019; paper §4, Table 2):
+Implements the metrics of Cohen et al. 2019 (paper §4, Table 2):
 
 - approximate certified accuracy at radius r = fraction of rows where CERTIFY did not abstain, was
   correct, and returned radius ≥ r;
@@ -25,7 +25,6 @@ import math
 import io
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from smoothmix_tf._checks import check_positive, fail
+from smoothmix_tf.atomic import atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
 
 CERTIFY_COLUMNS: tuple[str, ...] = ("idx", "label", "predict", "radius", "correct", "time")
 PREDICT_COLUMNS: tuple[str, ...] = ("idx", "label", "predict", "correct", "time")
@@ -94,7 +94,7 @@ def _require_rows(result: CertificationResult) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# metrics (METHOD.md §1)
+# metrics (paper §4)
 # ------------------------------------------------------------------------------------------------
 def average_certified_radius(result: CertificationResult) -> float:
     """ACR = (1/|D|) Σ radius · 1[correct] over the rows present (abstain/wrong count 0)."""
@@ -290,41 +290,6 @@ def load_certification(path: str | Path, *, allow_empty: bool = False) -> Certif
 # ------------------------------------------------------------------------------------------------
 # writing
 # ------------------------------------------------------------------------------------------------
-def _new_temp(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-
-
-def _finish_temp(tmp: str, path: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-    os.replace(tmp, path)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``:
-    readers see the old file or the new one, never a half-written one."""
-    path = Path(path)
-    fd, tmp = _new_temp(path)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _finish_temp(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically (temporary file + ``os.replace``)."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def write_certification(result: CertificationResult, path: str | Path,
                         radius_format: str = RADIUS_FORMAT) -> Path:
     """Write a whole result as a reference-format CERTIFY TSV, atomically."""

@@ -1,4 +1,4 @@
-"""Base networks of the paper (METHOD.md §3): LeNet, CIFAR ResNet-20/110 and ResNet-50.
+"""Base networks of the paper (Appendix C): LeNet, CIFAR ResNet-20/110 and ResNet-50.
 
 Every network takes pixels in [0, 1] and returns logits. The CIFAR and ImageNet networks normalize
 inside (a fixed per-channel ``Normalization`` layer named ``"normalize"`` is their first layer), so
@@ -39,7 +39,8 @@ def normalization_layer(mean: Sequence[float], std: Sequence[float], dtype=None,
 
 def lenet(num_classes: int = 10, input_shape: Sequence[int] = (28, 28, 1),
           dtype=None) -> keras.Model:
-    """LeNet of the reference code (METHOD.md §3): 431,080 parameters for 28×28×1 and 10 classes.
+    """LeNet of the reference code (paper Appendix C; ``docs/method.md``): 431,080 parameters for
+    28×28×1 and 10 classes.
 
     conv 5×5·20 (valid) → ReLU → max-pool 2 → conv 5×5·50 (valid) → ReLU → max-pool 2 → flatten →
     dense 500 → ReLU → dense ``num_classes`` (logits). No input normalization. Layers are named
@@ -157,7 +158,7 @@ def _normalized_input(shape: tuple[int, int, int], mean: Sequence[float], std: S
 def cifar_resnet(depth: int = 110, num_classes: int = 10, input_shape: Sequence[int] = (32, 32, 3),
                  mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD,
                  dtype=None) -> keras.Model:
-    """CIFAR ResNet of Cohen et al. / SmoothMix (METHOD.md §3); depth 110 has 1,730,714 parameters.
+    """CIFAR ResNet of Cohen et al. / SmoothMix (paper Appendix C); depth 110 has 1,730,714 parameters.
 
     Normalize → conv3×3·16 → BN → ReLU → 3 stages of (depth−2)/6 basic blocks with 16/32/64
     channels (stride 2 at the first block of stages 2 and 3, projection shortcut 1×1 conv + BN where

@@ -1,4 +1,4 @@
-"""Certified prediction with a Gaussian-smoothed classifier (Cohen et al. 2019; METHOD.md §1).
+"""Certified prediction with a Gaussian-smoothed classifier (Cohen et al. 2019; paper eq. 2–3).
 
 In the style of Cohen et al.'s ``core.py``: one small class, :class:`Smooth`, whose methods mirror
 PREDICT and CERTIFY, plus the two statistics they need:
@@ -40,6 +40,7 @@ from smoothmix_tf._checks import (SmoothMixError, check_choice, check_int_at_lea
                                   check_positive, fail)
 from smoothmix_tf.choices import INFERENCE_DTYPES
 from smoothmix_tf.hardware import warn_if_bfloat16_is_emulated
+from smoothmix_tf.images import as_image_array, validate_images
 
 ABSTAIN = -1
 _PHILOX = 1  # RNG_ALG_PHILOX of the stateless V2 random ops
@@ -168,7 +169,7 @@ class Smooth:
 
     ``base`` is a Keras model mapping images ``[B, H, W, C]`` in [0, 1] to logits (or any scores
     whose argmax is the class); ``f`` is that argmax. Noise is added in [0, 1] pixel space and not
-    clipped (METHOD.md §1).
+    clipped (``docs/method.md``, Randomized smoothing).
 
     ``inference_dtype`` (opt-in, e.g. ``"bfloat16"`` on CPU, ``"float16"`` on GPU) runs the base
     network in reduced precision: a copy of the network under the Keras ``mixed_<dtype>`` policy
@@ -179,14 +180,18 @@ class Smooth:
     its decision boundaries. ``jit_compile=True`` compiles the sampling loop with XLA (a GPU option;
     ~2× slower on CPU for these models). ``parallel_iterations`` chunks may be in flight at once
     (2 overlaps drawing the next chunk's noise with the current forward pass; results unchanged).
+    ``validate_args`` (default True) checks every batch with :func:`smoothmix_tf.images.
+    validate_images` (shape, finite pixels in [0, 1]); False skips those checks, as
+    ``validate_args`` does in TensorFlow Probability.
     """
 
     ABSTAIN = ABSTAIN
 
     def __init__(self, base: keras.Model, num_classes: int, sigma: float, *,
                  inference_dtype: str | None = None, jit_compile: bool = False,
-                 parallel_iterations: int = 2):
+                 parallel_iterations: int = 2, validate_args: bool = True):
         self.base = base
+        self.validate_args = bool(validate_args)
         self.num_classes = check_int_at_least("num_classes", _as_int(num_classes), 2)
         self.sigma = float(check_positive("sigma (σ)", _as_float(sigma),
                                           "Pass the noise level σ > 0 the network was trained "
@@ -222,7 +227,7 @@ class Smooth:
 
     def certify(self, images: Any, n0: int, n: int, alpha: float, batch_size: int = 1000,
                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """CERTIFY (Cohen et al., METHOD.md §1) -> (classes int64 ``[B]``, radii float32 ``[B]``).
+        """CERTIFY (Cohen et al.; ``docs/method.md``) -> (classes int64 ``[B]``, radii float32 ``[B]``).
 
         Abstentions are class ``-1`` with radius 0. With probability ≥ 1 − alpha (per image) a
         returned class c satisfies g(x + e) = c for every ‖e‖₂ < radius (paper eq. 3).
@@ -292,36 +297,11 @@ class Smooth:
         return counts.numpy()
 
     def check_images(self, images: Any) -> np.ndarray:
-        """Validate a NumPy batch ``[B, H, W, C]`` of [0, 1] pixels -> float32 array (or raise)."""
-        array = np.asarray(images)
-        if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
-            raise fail(f"images must be a numeric array, got dtype {array.dtype}",
-                       "Pass a float array of pixels in [0, 1] with shape [batch, H, W, C].")
-        if array.ndim != 4:
-            hint = (" For one image add a batch axis: images[None]." if array.ndim == 3 else "")
-            raise fail(f"images must have rank 4 [batch, height, width, channels], got shape "
-                       f"{array.shape}", "Pass a batch of images." + hint)
-        if array.shape[0] == 0:
-            raise fail(f"images is an empty batch (shape {array.shape})",
-                       "Pass at least one image.")
-        if self.image_shape is not None:
-            for got, want, name in zip(array.shape[1:], self.image_shape,
-                                       ("height", "width", "channels")):
-                if want is not None and got != want:
-                    raise fail(f"images have {name} {got} (shape {array.shape}) but the base "
-                               f"network expects [batch, {', '.join(map(str, self.image_shape))}]",
-                               f"Pass images of the network's input size ({name} {want}).")
-        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-            bad = int(np.sum(~np.isfinite(array)))
-            raise fail(f"images contain {bad} NaN or infinite value(s)",
-                       "Pass finite pixel values in [0, 1].")
-        low, high = float(np.min(array)), float(np.max(array))
-        if low < 0.0 or high > 1.0:
-            raise fail(f"image values must lie in [0, 1] (pixels before normalization), got "
-                       f"range [{low:g}, {high:g}]",
-                       "Scale the images to [0, 1] (e.g. uint8 images / 255); normalization "
-                       "belongs inside the network.")
-        return array.astype(np.float32, copy=False)
+        """A NumPy batch ``[B, H, W, C]`` of [0, 1] pixels as a float32 array, checked by
+        :meth:`validate_images_graph` run eagerly (SmoothMixError with the fix if it is bad)."""
+        array = as_image_array(images)
+        self.validate_images_graph(array)
+        return array
 
     # -- in-graph core (reused by the SavedModel export) ----------------------------------------
     def certify_graph(self, images: tf.Tensor, seed: tf.Tensor, n0: int, n: int, alpha: float,
@@ -361,37 +341,12 @@ class Smooth:
                 "p_value": p_value, "counts": counts}
 
     def validate_images_graph(self, images: tf.Tensor) -> tf.Tensor:
-        """In-graph checks (InvalidArgumentError with a clear message): rank 4, the network's
-        height/width/channels, a non-empty batch, finite values in [0, 1]. Returns the images with
-        the network's static shape set."""
-        images = tf.convert_to_tensor(images, tf.float32)
-        tf.debugging.assert_rank(images, 4, message="images must have rank 4 [batch, height, "
-                                 "width, channels]")
-        shape = tf.shape(images)
-        checks = [tf.debugging.assert_positive(shape[0], message="images is an empty batch: "
-                                               "pass at least one image")]
-        if self.image_shape is not None:
-            for axis, (want, name) in enumerate(zip(self.image_shape, ("height", "width",
-                                                                       "channels")), start=1):
-                if want is not None:
-                    checks.append(tf.debugging.assert_equal(
-                        shape[axis], want, message=f"images must have {name} {want} (the base "
-                        f"network's input is [batch, {', '.join(map(str, self.image_shape))}])"))
-        with tf.control_dependencies(checks):
-            checks = [tf.debugging.assert_all_finite(images, "images contain NaN or infinite "
-                                                     "values: pass finite pixels in [0, 1]")]
-        with tf.control_dependencies(checks):
-            checks = [tf.debugging.assert_greater_equal(
-                          tf.reduce_min(images), 0.0, message="image values must lie in [0, 1] "
-                          "(scale pixels to [0, 1], e.g. uint8 / 255)"),
-                      tf.debugging.assert_less_equal(
-                          tf.reduce_max(images), 1.0, message="image values must lie in [0, 1] "
-                          "(scale pixels to [0, 1], e.g. uint8 / 255)")]
-        with tf.control_dependencies(checks):
-            images = tf.identity(images)
-        if self.image_shape is not None:
-            images = tf.ensure_shape(images, [None, *self.image_shape])
-        return images
+        """:func:`smoothmix_tf.images.validate_images` with the network's input shape: rank 4,
+        height/width/channels, a non-empty batch, finite values in [0, 1] (InvalidArgumentError
+        in a graph, SmoothMixError eagerly; skipped when ``validate_args`` is False). Returns the
+        float32 images with the network's static shape set."""
+        images = tf.cast(tf.convert_to_tensor(images), tf.float32)
+        return validate_images(images, self.image_shape, validate_args=self.validate_args)
 
     def sample_counts(self, images: tf.Tensor, num_samples: int, seed: tf.Tensor,
                       batch_size: int) -> tf.Tensor:

@@ -1,4 +1,5 @@
-"""Named datasets -> ``tf.data`` pipelines of (images, labels) batches (DESIGN.md, METHOD.md §3).
+"""Named datasets -> ``tf.data`` pipelines of (images, labels) batches (paper Appendix C;
+``docs/method.md``, Defaults and presets).
 
 Images are float32 NHWC in [0, 1] (the networks normalize inside), labels int64.
 
@@ -28,8 +29,8 @@ the training examples whose index in the canonical training order is ``i % 10 ==
 for ``mnist5k`` exactly 40 per class). ``split="train", holdout=True`` is the other nine in ten, so
 tuning never touches the test set. ``holdout=False`` (default) gives the whole training set.
 
-Augmentation (METHOD.md §3; training split only by default)
-------------------------------------------------------------
+Augmentation (paper Appendix C; training split only by default)
+----------------------------------------------------------------
 ``"crop_flip"`` (CIFAR-10, and 3-channel ``npz`` data): zero-pad 4, random 32×32 crop (the image
 size), random horizontal flip. ``"imagenet"``: random-resized crop 224 (area 8-100 %, aspect
 3/4-4/3) + flip when augmenting, else resize shorter side to 256 and center-crop 224 (always applied
@@ -392,7 +393,7 @@ def _to_unit_float(images: tf.Tensor) -> tf.Tensor:
     return tf.cast(images, tf.float32)
 
 
-# --- augmentation (stateless, METHOD.md §3) -------------------------------------------------------
+# --- augmentation (stateless, paper Appendix C) ---------------------------------------------------
 
 def crop_flip(image: tf.Tensor, seed: tf.Tensor, padding: int = CROP_PADDING) -> tf.Tensor:
     """CIFAR augmentation: zero-pad ``padding``, random crop to the image size, random h-flip."""
@@ -569,7 +570,7 @@ def load(name: str, split: str, batch_size: int, *, shuffle: bool | None = None,
          drop_remainder: bool = False, holdout: bool = False, epochs: int = 1) -> tf.data.Dataset:
     """Batched ``(images float32 NHWC in [0, 1], labels int64)`` of a named dataset split.
 
-    ``shuffle`` and ``augment`` default to True for ``train`` only (augment per METHOD.md §3; or
+    ``shuffle`` and ``augment`` default to True for ``train`` only (augment per paper Appendix C; or
     name a policy: "none", "crop_flip", "imagenet"). ``limit`` keeps the first ``limit`` examples of
     the split (canonical order, before shuffling). ``holdout=True`` drops the validation tenth from
     ``train``. ``epochs`` concatenates that many passes, each shuffled/augmented with its own key.

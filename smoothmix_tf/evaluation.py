@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from smoothmix_tf import analysis
+from smoothmix_tf.atomic import atomic_write_text
 from smoothmix_tf.certify import Smooth
 from smoothmix_tf.seeds import CERTIFY_INPUT, derive_seed
 
@@ -43,7 +44,7 @@ def run_certification(smooth: Smooth, images: np.ndarray, labels: np.ndarray,
     record = {"certify": certify, "n0": n0 if certify else None, "n": n, "alpha": alpha,
               "batch_size": batch_size, "seed": seed, "sigma": smooth.sigma,
               "num_inputs": len(indices), **(config or {})}
-    analysis.atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2, default=str))
+    atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2, default=str))
     writer = analysis.TsvWriter(out, columns=CERTIFY_COLUMNS if certify else PREDICT_COLUMNS,
                                 resume=resume)
     todo = [i for i in indices if i not in writer.done]

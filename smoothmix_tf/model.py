@@ -1,17 +1,25 @@
 """SmoothedModel: a Keras model that trains a base classifier f with a randomized-smoothing objective.
 
-``model.compile(optimizer=...); model.fit(train_ds, validation_data=test_ds)`` runs the objective's
-``draw -> loss -> gradients -> apply`` in ``train_step`` (inside ``tf.function``, optionally XLA).
-The base network sees [0,1] pixels; the noise δ ~ N(0, σ²I) is added in that space (METHOD.md §1).
+``model.compile(optimizer=...); model.fit(train_ds, validation_data=test_ds,
+callbacks=[EpochTracker()])`` runs the objective's ``draw -> loss -> gradients -> apply`` in
+``train_step`` (inside ``tf.function``, optionally XLA). The base network sees [0,1] pixels; the
+noise δ ~ N(0, σ²I) is added in that space (paper eq. 2 and 4; ``docs/method.md``).
 
-- Weight decay is *coupled* L2 (PyTorch SGD semantics, METHOD.md §3): ``weight_decay·w`` is added to
-  the gradient of every trainable weight, i.e. ``(weight_decay/2)·Σ‖w‖²`` is added to the loss.
+- Weight decay is *coupled* L2 (PyTorch SGD semantics, as in the authors' code; ``docs/method.md``):
+  ``weight_decay·w`` is added to the gradient of every trainable weight, i.e.
+  ``(weight_decay/2)·Σ‖w‖²`` is added to the loss.
 - Distribution: the objective's loss is a per-replica mean; gradients are summed across replicas by
   the optimizer, so the step scales the loss by ``1/num_replicas`` — a step on R replicas equals the
   single-device step on the same global batch and the same draws.
 - Randomness: step k draws from the stateless seed ``(seed, k)`` folded with the replica id; the step
   counter is a model variable, so a checkpoint resumes the exact random stream.
-- ``epoch`` (0-based) is a model variable set at the start of every epoch (warm-up schedules read it).
+- Metrics: ``loss`` plus the objective's declared ``metric_names`` while training; ``loss`` (the
+  cross-entropy of f under one noise draw per image) and ``noisy_accuracy`` in ``evaluate``, so
+  Keras' stock callbacks work with their default ``monitor="val_loss"``.
+- ``epoch`` (0-based) is a model variable read by the warm-up schedules (SmoothMix's η and the
+  SmoothAdv ε warm-up, MACER's deferred λ). Keras tells only callbacks which epoch it runs, so
+  :class:`EpochTracker` sets it at the start of every epoch; training an objective that reads the
+  epoch without it fails with a clear error instead of silently keeping epoch 0.
 """
 
 from __future__ import annotations
@@ -22,16 +30,25 @@ import keras
 import tensorflow as tf
 
 from smoothmix_tf import noise as noise_lib
-from smoothmix_tf._checks import check_int_at_least, check_non_negative, check_positive
+from smoothmix_tf._checks import check_int_at_least, check_non_negative, check_positive, fail
 from smoothmix_tf.seeds import EVAL_NOISE, MODEL_NOISE, TRAIN_NOISE, derive_seed
 from smoothmix_tf.objectives import Gaussian, Objective
 
 
-class _EpochSetter(keras.callbacks.Callback):
-    """Keeps ``SmoothedModel.epoch`` equal to the epoch Keras is running (0-based, absolute)."""
+class EpochTracker(keras.callbacks.Callback):
+    """Keeps ``SmoothedModel.epoch`` equal to the epoch Keras is running (0-based, absolute: with
+    ``fit(..., initial_epoch=k)`` the first epoch is k). Pass it to ``fit`` whenever the objective
+    has a warm-up (``objective.uses_epoch``); it is harmless otherwise."""
+
+    def set_model(self, model):  # Keras attaches the callbacks before it builds the train function
+        super().set_model(model)
+        model.epoch_tracker_attached = True
 
     def on_epoch_begin(self, epoch, logs=None):
         self.model.epoch.assign(float(epoch))
+
+    def on_train_end(self, logs=None):
+        self.model.epoch_tracker_attached = False
 
 
 @keras.saving.register_keras_serializable(package="smoothmix_tf")
@@ -56,10 +73,12 @@ class SmoothedModel(keras.Model):
                                         dtype="int64", trainable=False)
         self.eval_rng_step = self.add_weight(name="eval_rng_step", shape=(), initializer="zeros",
                                              dtype="int64", trainable=False)
-        self.loss_tracker = keras.metrics.Mean(name="loss")
-        self._log_trackers: dict[str, keras.metrics.Mean] = {}
-        self.val_ce_tracker = keras.metrics.Mean(name="ce")
-        self.val_accuracy_tracker = keras.metrics.Mean(name="noisy_accuracy")
+        self.epoch_tracker_attached = False  # set by EpochTracker for the length of a fit
+        # One Mean per reported value: ``loss``, the objective's declared logs, and the
+        # ``noisy_accuracy`` of evaluation (shared with the objective's own when it logs one; Keras
+        # resets every metric at the start of each epoch and of each evaluation).
+        names = dict.fromkeys(("loss", *self.objective.metric_names, "noisy_accuracy"))
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
         if getattr(base, "built", False):
             self.built = True  # variables exist: optimizer state can be saved and restored
 
@@ -83,29 +102,7 @@ class SmoothedModel(keras.Model):
     # -- metrics ----------------------------------------------------------------------------
     @property
     def metrics(self):
-        return [self.loss_tracker, *self._log_trackers.values(), self.val_ce_tracker,
-                self.val_accuracy_tracker]
-
-    def prepare_log_trackers(self, input_shape) -> list[str]:
-        """Create one ``keras.metrics.Mean`` per objective log (names found by tracing, not running).
-
-        Called by ``fit``; tracing builds a graph only, so no batch-norm statistic or weight changes.
-        """
-        if self._log_trackers:
-            return list(self._log_trackers)
-        spec_x = tf.TensorSpec([2, *input_shape], tf.float32)
-        spec_y = tf.TensorSpec([2], tf.int64)
-
-        def probe(x, y):
-            draws = self.objective.draw(x, self.sigma, tf.constant([0, 0], tf.int64))
-            _, logs = self.objective.loss(self.base, x, y, draws, self.epoch, self.sigma)
-            return logs
-
-        logs = tf.function(probe).get_concrete_function(spec_x, spec_y).structured_outputs
-        for name in logs:
-            if name != "loss":
-                self._log_trackers[name] = keras.metrics.Mean(name=name)
-        return list(self._log_trackers)
+        return list(self.trackers.values())
 
     # -- training ---------------------------------------------------------------------------
     def l2_penalty(self) -> tf.Tensor:
@@ -125,11 +122,21 @@ class SmoothedModel(keras.Model):
         weights = self.trainable_weights
         grads = tape.gradient(scaled, weights)
         self.optimizer.apply(grads, weights)
-        self.loss_tracker.update_state(loss)
-        for name, tracker in self._log_trackers.items():
-            if name in logs:
-                tracker.update_state(logs[name])
-        return {m.name: m.result() for m in [self.loss_tracker, *self._log_trackers.values()]}
+        reported = {"loss": loss, **{name: logs[name] for name in self.objective.metric_names
+                                      if name != "loss"}}
+        for name, value in reported.items():
+            self.trackers[name].update_state(value)
+        return {name: self.trackers[name].result() for name in reported}
+
+    def make_train_function(self, force=False):
+        """Keras' train function (built once; Keras asks for it at every ``fit``), after checking
+        that an objective with a warm-up will see the epoch."""
+        if self.objective.uses_epoch and not self.epoch_tracker_attached:
+            raise fail(f"{self.objective!r} reads the epoch (warm-up) but model.fit runs without "
+                       f"an EpochTracker, so the warm-up would stay at epoch 0",
+                       "Pass callbacks=[smoothmix_tf.EpochTracker()] to fit (or set "
+                       "model.epoch yourself and model.epoch_tracker_attached = True).")
+        return super().make_train_function(force=force)
 
     def train_step(self, data):
         x, y = data[0], data[1]
@@ -139,27 +146,18 @@ class SmoothedModel(keras.Model):
         return self.apply_objective(x, y, draws)
 
     def test_step(self, data):
-        """Accuracy and cross-entropy of the base network under one Gaussian noise draw per image."""
+        """``loss`` (cross-entropy) and ``noisy_accuracy`` of the base network under one Gaussian
+        noise draw per image."""
         x, y = tf.cast(data[0], tf.float32), tf.cast(tf.reshape(data[1], [-1]), tf.int64)
         delta = noise_lib.gaussian_noise(x, 1, self.sigma,
                                          self._next_seed(self.eval_rng_step, stream=EVAL_NOISE))[0]
         logits = tf.cast(self.base(x + delta, training=False), tf.float32)
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
         correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1), y), tf.float32)
-        self.val_ce_tracker.update_state(ce)
-        self.val_accuracy_tracker.update_state(correct)
-        return {"ce": self.val_ce_tracker.result(),
-                "noisy_accuracy": self.val_accuracy_tracker.result()}
-
-    def fit(self, x=None, *args, callbacks=None, **kwargs):
-        """``keras.Model.fit``, plus the epoch tracker and the objective's metrics."""
-        if not self.base.built:
-            raise ValueError("The base network is not built; build it with an input shape first.")
-        self.prepare_log_trackers(tuple(self.base.input_shape[1:]))
-        callbacks = list(callbacks or [])
-        if not any(isinstance(c, _EpochSetter) for c in callbacks):
-            callbacks.insert(0, _EpochSetter())
-        return super().fit(x, *args, callbacks=callbacks, **kwargs)
+        self.trackers["loss"].update_state(ce)
+        self.trackers["noisy_accuracy"].update_state(correct)
+        return {"loss": self.trackers["loss"].result(),
+                "noisy_accuracy": self.trackers["noisy_accuracy"].result()}
 
     # -- serialization ----------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:

@@ -4,12 +4,27 @@ Shared by the objectives, the adversaries and certification. Conventions:
 - noise is drawn in [0,1] pixel space, already multiplied by σ, shape ``[m, b, H, W, C]``;
 - "tiled" tensors stack the m noisy copies along the batch axis, copy-major: row ``i*b + j`` is
   copy i of sample j (one network call for all copies);
-- F̂(x) = (1/m) Σ_i softmax(f(x + δ_i)) (paper eq. 5).
+- F̂(x) = (1/m) Σ_i softmax(f(x + δ_i)) (paper eq. 5);
+- losses are computed in float32, or in float64 for float64 inputs (:func:`loss_dtype_for`), and
+  Python constants enter them through :func:`as_dtype` (never rounded to float32 first).
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
+
+
+def as_dtype(value, dtype: tf.DType) -> tf.Tensor:
+    """A Python number or tensor as a ``dtype`` tensor (``tf.cast`` of a Python float would round it
+    to float32 first)."""
+    if isinstance(value, (tf.Tensor, tf.Variable)):
+        return tf.cast(value, dtype)
+    return tf.constant(value, dtype)
+
+
+def loss_dtype_for(x: tf.Tensor) -> tf.DType:
+    """float64 for float64 inputs (exact comparisons), float32 otherwise (e.g. mixed precision)."""
+    return tf.float64 if x.dtype == tf.float64 else tf.float32
 
 
 def gaussian_noise(x: tf.Tensor, noise_samples: int, sigma: float, seed: tf.Tensor) -> tf.Tensor:

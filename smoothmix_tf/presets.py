@@ -1,4 +1,4 @@
-"""The paper's training recipes as TOML presets (``train/presets/*.toml``, shipped in the package).
+"""The paper's training recipes as TOML presets (``smoothmix_tf/recipes/*.toml``, package data).
 
 A preset is a ``TrainConfig`` in TOML: top-level fields plus an ``[objective]`` table. Any field can be
 overridden with ``KEY=VALUE`` strings (``sigma=0.5``, ``objective.eta=2``); values are parsed as TOML.
@@ -12,6 +12,8 @@ from typing import Any
 
 from smoothmix_tf._checks import fail
 
+RECIPES_FOLDER = "recipes"  # package data: one TOML file per preset
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -19,16 +21,9 @@ else:  # pragma: no cover
 
 
 def preset_dir() -> Path:
-    """Where the presets are: the installed package data, or ``train/presets`` in a source checkout."""
-    try:
-        from importlib.resources import files
-
-        installed = Path(str(files("smoothmix_tf.presets")))
-        if installed.is_dir() and any(installed.glob("*.toml")):
-            return installed
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parents[1] / "train" / "presets"
+    """The folder of the preset TOML files: ``recipes/`` inside the installed package (the same
+    folder in a source checkout, an editable install and a wheel)."""
+    return Path(__file__).resolve().parent / RECIPES_FOLDER
 
 
 def list_presets() -> dict[str, str]:

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from smoothmix_tf import analysis, datasets
 from smoothmix_tf._checks import fail
+from smoothmix_tf.atomic import atomic_write_text
 from smoothmix_tf.certify import Smooth
 from smoothmix_tf.evaluation import run_certification
 from smoothmix_tf.training import TrainConfig, train
 
 # Small-budget recipes for the 4,000-image training set: the paper's hyperparameters for σ = 0.5
-# (METHOD.md §2), a larger learning rate and a compressed schedule.
+# (paper Appendix C), a larger learning rate and a compressed schedule.
 QUICK_OBJECTIVES = {
     "smoothmix": {"method": "smoothmix", "noise_samples": 4, "attack_steps": 4, "step_size": 1.0,
                   "eta": 5.0, "one_step_adversary": False, "warmup_epochs": 3},
@@ -68,8 +69,8 @@ def run_quickstart(out: str | Path = "runs/quickstart", method: str = "smoothmix
     acr = analysis.average_certified_radius(result)
     plot = analysis.plot_certified_accuracy({name: result}, out / "certified_accuracy.png",
                                             title=f"Certified accuracy, N={n}, α=0.001")
-    analysis.atomic_write_text(out / "results.md", table + "\n")
+    atomic_write_text(out / "results.md", table + "\n")
     summary = {"acr": acr, "train_seconds": trained, "total_seconds": time.time() - started,
                "certified_inputs": len(result.idx), "n": n}
-    analysis.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return {"acr": acr, "table": table, "plot": plot, "run": out, "resumed": resume, **summary}

@@ -2,7 +2,7 @@
 
 The export carries the *certificate*, not just the base network: a TF Serving deployment answers
 "class c, certified ℓ2 radius r at confidence 1 − α" on its own, with no Python of ours. The graph
-is :meth:`Smooth.certify_graph` / :meth:`Smooth.predict_graph` (METHOD.md §1, Cohen et al.'s
+is :meth:`Smooth.certify_graph` / :meth:`Smooth.predict_graph` (Cohen et al.'s
 CERTIFY and PREDICT) traced once — no second implementation — and holds core TensorFlow ops only,
 so it loads in a process that imports nothing but ``tensorflow``.
 
@@ -34,6 +34,7 @@ answer it wants has no guarantee.
 
 Bad requests (wrong rank / shape / channels / dtype, values outside [0, 1], NaN/Inf, an empty
 batch, a wrong number of seeds) fail with INVALID_ARGUMENT and a message saying what was expected.
+The checks are :func:`smoothmix_tf.images.validate_images` (the validator the Python API uses):
 TF Serving does not check request shapes against the signature, and TensorFlow's own graph
 optimizer trusts the declared shape, so the rank/shape checks compare the shape actually received
 (padded with −1 so that a wrong rank cannot be folded away at graph-optimization time).
@@ -47,11 +48,8 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import shutil
 import statistics
 import tempfile
-import uuid
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -59,13 +57,18 @@ from typing import Any
 import tensorflow as tf
 
 from smoothmix_tf._checks import check_int_at_least, fail
+from smoothmix_tf.atomic import atomic_write_folder
 from smoothmix_tf.certify import (Smooth, _check_certify_settings, _check_predict_settings,
                                   _check_seed)
+from smoothmix_tf.images import received_shape, validate_images
 
 FORMAT_VERSION = 1
 METADATA_FILE = "smoothmix.json"
 TEMP_PREFIX = ".tmp-export-"  # not a number: TF Serving never loads it as a version
 _OLD_PREFIX = ".old-export-"
+
+_REQUEST_RANGE_HINT = ("scale uint8 pixels by 1/255, or send them as uint8 to the *_uint8 "
+                       "signatures")
 
 CERTIFY_OUTPUTS = {"classes": tf.int64, "radius": tf.float32, "p_lower": tf.float64,
                    "count": tf.int64}
@@ -85,69 +88,11 @@ CERTIFICATE_MEANING = (
 # ------------------------------------------------------------------------------------------------
 # in-graph request checks (INVALID_ARGUMENT with a clear message)
 # ------------------------------------------------------------------------------------------------
-def _padded_shape(tensor: tf.Tensor, length: int) -> tf.Tensor:
-    """The runtime shape of ``tensor`` padded with −1 to ``length`` entries (first ``length``).
-
-    Computed from the values of ``Shape``, never from the static rank: Grappler trusts the
-    declared input shape of a signature and folds ``Rank`` to a constant, which would silently
-    skip a rank check on a request that TF Serving passed through unchecked.
-    """
-    shape = tf.raw_ops.Shape(input=tensor, out_type=tf.int64)
-    return tf.concat([shape, tf.fill([length], tf.constant(-1, tf.int64))], axis=0)[:length]
-
-
-def check_request_images(images: tf.Tensor, image_shape: tuple[int | None, ...],
-                         dtype_text: str) -> tf.Tensor:
-    """Rank 4, the network's height/width/channels and a non-empty batch, checked on the shape
-    actually received (InvalidArgumentError naming the expected and the received shape).
-    Returns ``images`` with the static shape ``[None, *image_shape]``."""
-    want = "[batch, " + ", ".join("?" if d is None else str(d) for d in image_shape) + "]"
-    received = tf.raw_ops.Shape(input=images, out_type=tf.int64)
-    shape = _padded_shape(images, 5)
-    expected = f"images must be a {dtype_text} tensor of shape {want}"
-    rank_ok = tf.logical_and(tf.reduce_all(shape[1:4] >= 0), tf.equal(shape[4], -1))
-    rank_check = tf.debugging.Assert(
-        rank_ok, [f"{expected} (rank 4: batch, height, width, channels); got shape", received],
-        summarize=8)
-    with tf.control_dependencies([rank_check]):
-        size_ok = tf.constant(True)
-        for axis, size in enumerate(image_shape, start=1):
-            if size is not None:
-                size_ok = tf.logical_and(size_ok, tf.equal(shape[axis], size))
-        size_check = tf.debugging.Assert(
-            size_ok, [f"{expected} (the base network's input size); got shape", received],
-            summarize=8)
-    with tf.control_dependencies([size_check]):
-        empty_check = tf.debugging.Assert(
-            shape[0] >= 1, ["images is an empty batch: send at least one image; got shape",
-                            received], summarize=8)
-    with tf.control_dependencies([empty_check]):
-        images = tf.identity(images)
-    return tf.ensure_shape(images, [None, *image_shape])
-
-
-def check_request_pixels(images: tf.Tensor) -> tf.Tensor:
-    """float32 pixels must be finite and in [0, 1] (InvalidArgumentError naming the range got and
-    pointing raw [0, 255] pixels to the ``*_uint8`` signatures)."""
-    finite_check = tf.debugging.Assert(
-        tf.reduce_all(tf.math.is_finite(images)),
-        ["images contain NaN or infinite values: send finite pixels in [0, 1]"])
-    with tf.control_dependencies([finite_check]):
-        low, high = tf.reduce_min(images), tf.reduce_max(images)
-        range_check = tf.debugging.Assert(
-            tf.logical_and(low >= 0.0, high <= 1.0),
-            [("image values must lie in [0, 1] (pixels before normalization): scale uint8 "
-              "pixels by 1/255, or send them as uint8 to the *_uint8 signatures; got min and "
-              "max"), low, high])
-    with tf.control_dependencies([range_check]):
-        return tf.identity(images)
-
-
 def check_request_seeds(seeds: tf.Tensor, images: tf.Tensor) -> tf.Tensor:
     """One int64 seed >= 0 per image: shape ``[batch]`` (InvalidArgumentError otherwise)."""
     batch = tf.shape(images, out_type=tf.int64)[0]
     received = tf.raw_ops.Shape(input=seeds, out_type=tf.int64)
-    shape = _padded_shape(seeds, 2)
+    shape = received_shape(seeds, 2)
     shape_check = tf.debugging.Assert(
         tf.logical_and(tf.equal(shape[0], batch), tf.equal(shape[1], -1)),
         [("seed must be an int64 vector with one seed per image: expected shape [batch] with "
@@ -244,11 +189,9 @@ class SmoothServingModule(tf.Module):
 
     # -- signatures -----------------------------------------------------------------------------
     def _as_float(self, images: tf.Tensor, uint8: bool) -> tf.Tensor:
-        images = check_request_images(images, self.image_shape,
-                                      "uint8" if uint8 else "float32")
-        if uint8:
-            return tf.cast(images, tf.float32) / 255.0
-        return check_request_pixels(images)
+        """The request's images checked (shape; float pixels finite and in [0, 1]) as float32."""
+        images = validate_images(images, self.image_shape, range_hint=_REQUEST_RANGE_HINT)
+        return tf.cast(images, tf.float32) / 255.0 if uint8 else images
 
     def _default_seeds(self, images: tf.Tensor) -> tf.Tensor:
         return tf.fill(tf.shape(images, out_type=tf.int64)[:1],
@@ -294,7 +237,7 @@ class SmoothServingModule(tf.Module):
 # metadata
 # ------------------------------------------------------------------------------------------------
 def max_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
-    """σ·Φ⁻¹(α^{1/n}): the radius when all n estimation votes agree (METHOD.md §1)."""
+    """σ·Φ⁻¹(α^{1/n}): the radius when all n estimation votes agree (paper eq. 3)."""
     bound = alpha ** (1.0 / n)
     return sigma * statistics.NormalDist().inv_cdf(bound) if bound > 0.5 else 0.0
 
@@ -407,46 +350,6 @@ def _check_version_path(path: Path, overwrite: bool) -> None:
                    f"overwrite=True (--overwrite) to replace it.")
 
 
-def _fsync_tree(root: Path) -> None:
-    """Flush every file (and folder) under ``root`` to disk before it is renamed into place."""
-    for folder, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as handle:
-                os.fsync(handle.fileno())
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
-def _remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def atomic_write_folder(target: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
-    """Run ``write(temp_dir)`` then rename the folder to ``target`` (replacing it if
-    ``overwrite``). The temporary folder ``target.parent/.tmp-export-<version>-…`` is never a
-    number, so a crash leaves nothing TF Serving would load; it is removed on any error."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{target.name}-", dir=target.parent))
-    try:
-        write(temp)
-        _fsync_tree(temp)
-        if target.exists():
-            _check_version_path(target, overwrite)
-            old = target.parent / f"{_OLD_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(target, old)
-            os.rename(temp, target)
-            _remove_tree(old)
-        else:
-            os.rename(temp, target)  # fails (never merges) if a non-empty folder appeared
-    except BaseException:
-        _remove_tree(temp)
-        raise
-    return target
-
-
 def export(smooth: Smooth, path: str | Path, n0: int = 100, n: int = 100_000,
            alpha: float = 0.001, batch_size: int = 1000, *, seed: int = 0,
            run_config: dict | None = None, source: str | None = None, overwrite: bool = False,
@@ -483,7 +386,8 @@ def export(smooth: Smooth, path: str | Path, n0: int = 100, n: int = 100_000,
             module.metadata_file = tf.saved_model.Asset(str(metadata_path))
             tf.saved_model.save(module, str(folder), signatures=signatures)
 
-    return atomic_write_folder(target, write, overwrite)
+    return atomic_write_folder(target, write, overwrite=overwrite, temp_prefix=TEMP_PREFIX,
+                               old_prefix=_OLD_PREFIX)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -515,6 +419,5 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, n0: int = 10
                   source=str(checkpoint), overwrite=overwrite, parallel_images=parallel_images)
 
 
-__all__ = ["SmoothServingModule", "atomic_write_folder", "check_request_images",
-           "check_request_seeds", "existing_versions", "export", "export_from_checkpoint",
-           "max_certifiable_radius", "next_version_path", "read_metadata"]
+__all__ = ["SmoothServingModule", "check_request_seeds", "existing_versions", "export",
+           "export_from_checkpoint", "max_certifiable_radius", "next_version_path", "read_metadata"]

@@ -1,4 +1,4 @@
-"""Training runs: configuration, optimizer and schedule (METHOD.md §3), checkpoints that resume.
+"""Training runs: configuration, optimizer and schedule (paper Appendix C), checkpoints that resume.
 
 A run folder holds ``config.json`` (the full configuration), ``checkpoint.keras`` (model, optimizer
 state, epoch and random-stream counters, written atomically after every epoch), ``state.json``
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,13 +20,13 @@ import keras
 import tensorflow as tf
 
 from smoothmix_tf import architectures, datasets, objectives
-from smoothmix_tf.analysis import atomic_write_text
 from smoothmix_tf._checks import (check_choice, check_int_at_least,
                                   check_non_negative, check_positive, fail)
+from smoothmix_tf.atomic import atomic_write_file, atomic_write_text
 from smoothmix_tf.distribute import (STRATEGIES, enable_multiworker_fit, make_strategy,
                                      shard_by_data, worker_run_dir)
 from smoothmix_tf.hardware import warn_if_bfloat16_is_emulated
-from smoothmix_tf.model import SmoothedModel
+from smoothmix_tf.model import EpochTracker, SmoothedModel
 from smoothmix_tf.seeds import EPOCH_DATA, derive_seed
 
 
@@ -102,7 +101,7 @@ class TrainConfig:
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     """SGD with momentum, learning rate ×decay at each of ``lr_decay_epochs`` (step schedule).
 
-    Weight decay is not here: it is the model's coupled L2 (METHOD.md §3).
+    Weight decay is not here: it is the model's coupled L2 (``docs/method.md``).
     """
     # PiecewiseConstantDecay keeps value i while step <= boundary i; step e·S opens epoch e.
     boundaries = [e * steps_per_epoch - 1 for e in sorted(config.lr_decay_epochs)]
@@ -203,20 +202,19 @@ def fit_epochs(model: SmoothedModel, config: TrainConfig, initial_epoch: int, fi
                after_epoch: Callable[[int], None] | None = None) -> SmoothedModel:
     """The epoch loop of every training (``train`` and the tuning trials): one ``model.fit`` call
     per epoch on :func:`epoch_dataset`, so the data of epoch e depends only on (seed, e) and an
-    interrupted run resumes bit for bit; ``after_epoch(epochs_done)`` runs after each epoch."""
+    interrupted run resumes bit for bit; ``after_epoch(epochs_done)`` runs after each epoch. An
+    :class:`~smoothmix_tf.model.EpochTracker` is always attached (warm-ups read the epoch)."""
     for epoch in range(int(initial_epoch), int(final_epoch)):
         model.fit(epoch_dataset(config, epoch, holdout=holdout), epochs=epoch + 1,
                   initial_epoch=epoch, validation_data=validation_data, verbose=0, shuffle=False,
-                  callbacks=callbacks)
+                  callbacks=[EpochTracker(), *callbacks])
         if after_epoch is not None:
             after_epoch(epoch + 1)
     return model
 
 
 def _save_checkpoint(model: SmoothedModel, run_dir: Path, epochs_done: int) -> None:
-    tmp = run_dir / ".checkpoint.tmp.keras"
-    model.save(tmp)
-    os.replace(tmp, run_dir / "checkpoint.keras")
+    atomic_write_file(run_dir / "checkpoint.keras", lambda tmp: model.save(tmp), suffix=".keras")
     atomic_write_text(run_dir / "state.json",
                       json.dumps({"epochs_completed": epochs_done, "time": time.time()}, indent=2))
 

@@ -99,7 +99,6 @@ def build_model(objective, optimizer_momentum: float = 0.9, steps_per_execution:
     model = SmoothedModel(tiny_base(0), sigma=SIGMA, objective=objective, weight_decay=1e-3, seed=3)
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=optimizer_momentum),
                   steps_per_execution=steps_per_execution)
-    model.prepare_log_trackers((6, 6, 1))
     model.optimizer.build(model.trainable_variables)
     return model
 
@@ -237,7 +236,7 @@ def train_runs(strategy, save_to: str | None = None) -> dict:
         for i, w in enumerate(model.trainable_weights):
             results[f"{name}/w{i}"] = w.numpy()
         results[f"{name}/loss"] = np.array(history["loss"])
-        results[f"{name}/val_ce"] = np.array(history["val_ce"])
+        results[f"{name}/val_loss"] = np.array(history["val_loss"])
         results[f"{name}/iterations"] = np.array(int(model.optimizer.iterations.numpy()))
         results[f"{name}/rng_step"] = np.array(int(model.rng_step.numpy()))
         if save_to and name == "gaussian":

@@ -1,4 +1,4 @@
-"""Adversaries on F̂ (METHOD.md §2): SmoothMix's eq. 8 ascent and SmoothAdv's ℓ2 PGD.
+"""Adversaries on F̂ (paper eq. 6 and 8): SmoothMix's eq. 8 ascent and SmoothAdv's ℓ2 PGD.
 
 Every number is checked against an independent NumPy re-implementation of the procedure on a tiny
 two-layer network whose input gradient is written out by hand (no TensorFlow autodiff), plus
@@ -180,7 +180,8 @@ def test_smoothmix_ascent_matches_numpy(tiny, alpha, steps, max_norm):
 
 
 def test_smoothmix_ascent_projects_before_clipping(tiny):
-    """With ε and clipping both active the order matters: project, then clip (METHOD.md step 2)."""
+    """With ε and clipping both active the order matters: project, then clip (the authors' code;
+    docs/method.md)."""
     model, np_net = tiny
     x, y, noise = make_batch(seed=3)
     got = adversaries.smoothmix_ascent(model, *tf_args(x, y, noise), 2.0, 3, max_norm=0.8).numpy()

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _shared import SHARED, require
 from smoothmix_tf import analysis
 from smoothmix_tf._checks import SmoothMixError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REFERENCE = SHARED / "reference" / "certify"
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
 
@@ -39,10 +39,7 @@ TABLE_RADII = [0.25 * i for i in range(12)]
 
 
 def _reference_file(name: str) -> Path:
-    path = REFERENCE / name
-    if not path.is_file():
-        pytest.skip(f"reference file {path} absent")
-    return path
+    return require(REFERENCE / name)
 
 
 def _independent_columns(path: Path) -> dict[str, np.ndarray]:
@@ -329,25 +326,8 @@ def test_missing_file_wrong_header_and_empty_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# atomic writes, table, plot
+# table, plot
 # ------------------------------------------------------------------------------------------------
-def test_atomic_write_text_replaces_and_leaves_no_temp(tmp_path, monkeypatch):
-    path = tmp_path / "deep" / "table.md"
-    assert analysis.atomic_write_text(path, "first ✓\n") == path
-    analysis.atomic_write_text(path, "second\n")
-    assert path.read_text(encoding="utf-8") == "second\n"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["table.md"]
-
-    def broken_replace(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(analysis.os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
-        analysis.atomic_write_text(path, "third\n")
-    assert path.read_text() == "second\n"  # the old file is intact
-    assert sorted(p.name for p in path.parent.iterdir()) == ["table.md"]
-
-
 def test_markdown_table_contents():
     tiny = _tiny_result()
     rng = np.random.default_rng(2)

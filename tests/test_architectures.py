@@ -8,7 +8,7 @@ import pytest
 from smoothmix_tf import architectures
 from smoothmix_tf._checks import SmoothMixError
 
-# The constants of METHOD.md §3 (copied from the paper's reference code), typed in independently.
+# The constants of the paper's reference code (Appendix C), typed in independently.
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -56,7 +56,7 @@ def resnet50_count(classes=1000):
 
 
 def test_parameter_counts_match_the_reference_and_the_layer_arithmetic():
-    assert lenet_count() == 431_080 and cifar_resnet_count(110) == 1_730_714  # METHOD.md §3
+    assert lenet_count() == 431_080 and cifar_resnet_count(110) == 1_730_714  # the reference code's counts
     assert resnet50_count() == 25_557_032  # torchvision resnet50
     assert trainable_count(architectures.lenet()) == lenet_count()
     assert trainable_count(architectures.cifar_resnet(110)) == cifar_resnet_count(110)

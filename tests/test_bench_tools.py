@@ -1,7 +1,7 @@
 """Benchmark tools. bench/_flops.py: the model FLOPs of a traced train step equal closed forms
-written out by hand from the layer shapes and the number of passes each objective makes (issue #3's
-benchmark uses them to say how much of the processor a training rate uses). bench/epoch_throughput.py:
-its epoch times nest (steps within the training pass within the epoch) and add up to the run."""
+written out by hand from the layer shapes and the number of passes each objective makes (the
+throughput benchmark uses them to say how much of the processor a training rate uses).
+bench/epoch_throughput.py: its epoch times nest (steps within the training pass within the epoch) and add up to the run."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from smoothmix_tf.architectures import lenet
-from smoothmix_tf.model import SmoothedModel
+from smoothmix_tf.model import EpochTracker, SmoothedModel
 from smoothmix_tf.objectives import Gaussian, SmoothMix
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,8 @@ def trained_model(network, objective, batch, shape):
     model.compile(optimizer=keras.optimizers.SGD(0.01))
     rng = np.random.default_rng(0)
     x = rng.random((batch, *shape), dtype=np.float32)
-    model.fit(x, rng.integers(0, 10, batch), batch_size=batch, epochs=1, verbose=0)
+    model.fit(x, rng.integers(0, 10, batch), batch_size=batch, epochs=1, verbose=0,
+              callbacks=[EpochTracker()])
     return model
 
 

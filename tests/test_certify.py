@@ -1,4 +1,4 @@
-"""Smooth.predict / Smooth.certify (Cohen et al.; METHOD.md §1) on classifiers with known answers.
+"""Smooth.predict / Smooth.certify (Cohen et al.; paper eq. 2–3) on classifiers with known answers.
 
 - a linear 2-class Keras model (logits [0, w·x + b]): P[f(x+δ) = 1] = Φ(d/σ) with d the signed
   distance of x to the hyperplane, so the smoothed classifier's exact certified radius is |d|;

@@ -4,16 +4,15 @@ ImageNet transforms, TFDS under tfds.testing.mock_data, and the fast offline fai
 
 import gzip
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from _shared import SHARED, require
 from smoothmix_tf import datasets
 from smoothmix_tf._checks import SmoothMixError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def raw_mnist5k():
@@ -48,9 +47,8 @@ def test_mnist5k_is_the_documented_stratified_split_of_the_raw_file():
                                                             "none")
 
 
-@pytest.mark.skipif(not (SHARED / "data" / "mnist.npz").exists(), reason="shared MNIST not present")
 def test_mnist5k_images_are_real_mnist_training_images():
-    with np.load(SHARED / "data" / "mnist.npz") as real:
+    with np.load(require(SHARED / "data" / "mnist.npz")) as real:
         real_train = real["x_train"].reshape(len(real["x_train"]), -1)
         real_labels = real["y_train"]
     x_train, y_train = datasets.load_arrays("mnist5k", "train")

@@ -178,12 +178,14 @@ def multiworker_runs(tmp_path_factory):
     return loaded, dict(np.load(folder / "single.npz")), folder
 
 
+@pytest.mark.slow
 def test_two_workers_form_one_cluster(multiworker_runs):
     workers, _, _ = multiworker_runs
     assert [int(w["worker_index"]) for w in workers] == [0, 1]
     assert all(bool(w["multi_worker"]) and int(w["replicas"]) == 2 for w in workers)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["deterministic", "gaussian"])
 def test_workers_end_with_identical_weights(multiworker_runs, run):
     (w0, w1), _, _ = multiworker_runs
@@ -195,6 +197,7 @@ def test_workers_end_with_identical_weights(multiworker_runs, run):
     assert int(w0[f"{run}/rng_step"]) == int(w0[f"{run}/iterations"])
 
 
+@pytest.mark.slow
 def test_two_workers_equal_one_device_on_the_same_global_batches(multiworker_runs):
     """Draws that depend on the image only: both runs must take the same steps (float32 noise)."""
     (w0, _), single, _ = multiworker_runs
@@ -208,6 +211,7 @@ def test_two_workers_equal_one_device_on_the_same_global_batches(multiworker_run
     np.testing.assert_allclose(w0["deterministic/loss"], single["deterministic/loss"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_multiworker_gaussian_training_learns_and_saves(multiworker_runs):
     (w0, w1), _, folder = multiworker_runs
     loss = w0["gaussian/loss"]
@@ -220,6 +224,7 @@ def test_multiworker_gaussian_training_learns_and_saves(multiworker_runs):
 
 
 # -- `smoothmix train --strategy multiworker`, two CLI workers -----------------------------------
+@pytest.mark.slow
 def test_cli_train_multiworker_two_workers(tmp_path):
     """Two `smoothmix train` processes with TF_CONFIG: one run, identical checkpoints."""
     import smoothmix_tf.training as training

@@ -6,8 +6,9 @@ import pytest
 import tensorflow as tf
 
 from smoothmix_tf._checks import SmoothMixError
-from smoothmix_tf.model import SmoothedModel
-from smoothmix_tf.objectives import Gaussian
+from smoothmix_tf import objectives
+from smoothmix_tf.model import EpochTracker, SmoothedModel
+from smoothmix_tf.objectives import Gaussian, SmoothMix
 
 
 def tiny_base(seed=0, shape=(6, 6, 1), classes=3):
@@ -33,13 +34,73 @@ def test_fit_lowers_loss_and_raises_noisy_accuracy():
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
     before = model.evaluate(ds, verbose=0, return_dict=True)
-    hist = model.fit(ds, epochs=6, verbose=0, validation_data=ds).history
+    hist = model.fit(ds, epochs=6, verbose=0, validation_data=ds,
+                     callbacks=[EpochTracker()]).history
     after = model.evaluate(ds, verbose=0, return_dict=True)
     assert hist["loss"][-1] < 0.5 * hist["loss"][0]
     assert after["noisy_accuracy"] > before["noisy_accuracy"]
     assert after["noisy_accuracy"] > 0.9
     assert float(model.epoch) == 5.0  # epoch variable follows fit (0-based)
     assert "noisy_accuracy" in hist and "val_noisy_accuracy" in hist
+    assert "loss" in before and "val_loss" in hist  # evaluation reports Keras' standard "loss"
+
+
+@pytest.mark.parametrize("name", sorted(objectives.REGISTRY))
+def test_objective_declares_exactly_the_metrics_it_logs(name):
+    """``metric_names`` (read when the model is built) equals the logs ``loss`` returns."""
+    objective = objectives.get(name)
+    x, y = toy_data(4)
+    draws = objective.draw(tf.constant(x), 0.25, tf.constant([1, 2], tf.int64))
+    _, logs = objective.loss(tiny_base(), tf.constant(x), tf.constant(y), draws,
+                             tf.constant(0.0), 0.25)
+    assert set(logs) - {"loss"} == set(objective.metric_names)
+    model = SmoothedModel(tiny_base(), sigma=0.25, objective=objective)
+    assert [m.name for m in model.metrics] == ["loss", *objective.metric_names,
+                                               *(["noisy_accuracy"]
+                                                 if "noisy_accuracy" not in logs else [])]
+
+
+def test_warmup_objective_without_epoch_tracker_is_a_clear_error():
+    x, y = toy_data(8)
+    model = SmoothedModel(tiny_base(), sigma=0.25, objective=SmoothMix(noise_samples=1,
+                                                                       attack_steps=1))
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    with pytest.raises(SmoothMixError, match="EpochTracker"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[EpochTracker()])
+    assert float(model.epoch) == 1.0
+    with pytest.raises(SmoothMixError, match="EpochTracker"):  # every fit is checked
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+
+
+def _plateau_model():
+    """A model whose validation loss cannot change: the noise (σ = 1e-30) and the SGD steps
+    (lr = 1e-30) are below float32 resolution, so every epoch ends on the same val_loss."""
+    model = SmoothedModel(tiny_base(), sigma=1e-30, objective=Gaussian(), weight_decay=0.0)
+    model.compile(optimizer=keras.optimizers.SGD(1e-30))
+    return model
+
+
+def test_stock_callbacks_act_with_their_default_monitor(tmp_path):
+    """EarlyStopping, ModelCheckpoint(save_best_only) and ReduceLROnPlateau watch "val_loss" by
+    default: evaluation must report "loss" for them to act (not just warn)."""
+    x, y = toy_data(32)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    model = _plateau_model()
+    history = model.fit(data, validation_data=data, epochs=20, verbose=0,
+                        callbacks=[keras.callbacks.EarlyStopping(),
+                                   keras.callbacks.ModelCheckpoint(tmp_path / "best-{epoch}.keras",
+                                                                   save_best_only=True),
+                                   keras.callbacks.ReduceLROnPlateau()]).history
+    assert len(history["val_loss"]) == 2  # patience 0: stopped after the first epoch without gain
+    # saved when val_loss improved on +inf (epoch 1) only; without val_loss Keras saves every epoch
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-1.keras"]
+    assert isinstance(keras.models.load_model(tmp_path / "best-1.keras"), SmoothedModel)
+
+    model = _plateau_model()
+    model.fit(data, validation_data=data, epochs=11, verbose=0,
+              callbacks=[keras.callbacks.ReduceLROnPlateau()])  # patience 10, factor 0.1
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-31, rel=1e-5)
 
 
 def test_step_gradient_is_loss_gradient_plus_coupled_l2():
@@ -48,7 +109,6 @@ def test_step_gradient_is_loss_gradient_plus_coupled_l2():
     wd, lr = 0.05, 0.1
     model = SmoothedModel(tiny_base(), sigma=0.25, objective=Gaussian(), weight_decay=wd)
     model.compile(optimizer=keras.optimizers.SGD(lr))
-    model.prepare_log_trackers((6, 6, 1))
     draws = {"noise": tf.random.stateless_normal((1, 16, 6, 6, 1), seed=[3, 4], stddev=0.25)}
     before = [w.numpy().copy() for w in model.trainable_weights]
     with tf.GradientTape() as tape:

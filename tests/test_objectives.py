@@ -1,4 +1,4 @@
-"""Training objectives (METHOD.md §2): each loss equals an independent NumPy re-computation of its
+"""Training objectives (paper eq. 4–11): each loss equals an independent NumPy re-computation of its
 formula on a tiny float64 network (forward — and, for the attacks, the input gradient — written out
 in NumPy from the weights), plus SmoothMix's structural properties and the hyperparameter checks."""
 
@@ -54,7 +54,7 @@ def tiny():
     return make_tiny_net()
 
 
-# -- NumPy formulas (METHOD.md §2) ---------------------------------------------------------------
+# -- NumPy formulas (docs/method.md) ------------------------------------------------------------
 def np_ce(logits, y):
     """CE per row, logits [..., b, C]."""
     return -np.take_along_axis(np_log_softmax(logits), y[..., None], axis=-1)[..., 0]

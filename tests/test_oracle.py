@@ -9,22 +9,26 @@ the shared folder is absent.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from _shared import SHARED, require
 from smoothmix_tf import adversaries, architectures
 from smoothmix_tf.objectives import MACER, Consistency, Gaussian, SmoothAdv, SmoothMix, Stability
 
-ORACLE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "oracle"
+ORACLE = SHARED / "reference" / "oracle"
 CASE = ORACLE / "case_sigma0.50.npz"
 METHODS = ["smoothmix_ms0", "smoothmix_ms1", "gaussian", "consistency", "stability", "smoothadv",
            "macer"]
 LAYERS = ("conv1", "conv2", "fc1", "fc2")
 
-pytestmark = pytest.mark.skipif(not CASE.exists(), reason=f"no oracle at {ORACLE}")
+
+
+@pytest.fixture(autouse=True)
+def _oracle_present():
+    require(CASE)
 
 
 # -- layout conversion (oracle README) ---------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The paper's presets: every one loads and validates; the recipes match METHOD.md §2–§3."""
+"""The paper's presets: every one loads and validates; the recipes match the paper's Appendix C."""
 
 import pytest
 
@@ -24,7 +24,7 @@ def test_the_grid_of_the_issue_is_complete():
 def test_every_preset_is_a_valid_config(name):
     config = TrainConfig.from_dict(presets.load_preset(name)).validate()
     objective = config.make_objective()
-    # batch semantics (METHOD.md §2): 256 clean-image draws per reference loader batch, split in m
+    # batch semantics (docs/method.md): 256 clean-image draws per reference loader batch, split in m
     assert config.batch_size * objective.noise_samples == 256
     assert ALL[name]  # every preset documents itself in its first line
 

@@ -1,4 +1,4 @@
-"""bench/reproduce.py: compressed schedules, the results folder, skipping and resuming (issue #6).
+"""bench/reproduce.py: compressed schedules, the results folder, skipping and resuming.
 
 One tiny end-to-end run (mnist5k, 512 training images, 3 epochs, 6 certified inputs at N = 200) is
 shared by the tests; the others copy its folder before touching it.
@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _shared import SHARED, require
 from smoothmix_tf import analysis, evaluation, presets, training
 from smoothmix_tf._checks import SmoothMixError
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 PRESETS = ["mnist-gaussian-s0.25", "mnist-smoothmix-eta5-s0.25"]
 BUDGET = 3
 CERTIFY_MAX = 6
@@ -114,6 +114,7 @@ def test_help_lists_every_flag(capsys):
 
 
 # --- the end-to-end run ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_results_folder_holds_every_output(results):
     for preset in PRESETS:
         assert (results / "runs" / preset / "checkpoint.keras").is_file()
@@ -133,6 +134,7 @@ def test_results_folder_holds_every_output(results):
         assert isinstance(environment["git_dirty"], bool)
 
 
+@pytest.mark.slow
 def test_results_table_matches_the_tsvs(results):
     table = our_table((results / "results.md").read_text())
     assert set(table) == set(PRESETS)
@@ -151,6 +153,7 @@ def test_results_table_matches_the_tsvs(results):
     assert max(acrs) > 0  # the check is not vacuous: something was certified
 
 
+@pytest.mark.slow
 def test_each_run_recorded_the_compressed_schedule(results):
     for preset in PRESETS:
         config = json.loads((results / "runs" / preset / "config.json").read_text())
@@ -168,6 +171,7 @@ def test_each_run_recorded_the_compressed_schedule(results):
         assert state["epochs_completed"] == BUDGET
 
 
+@pytest.mark.slow
 def test_timing_records_every_epoch_and_the_certification(results):
     timing = json.loads((results / "timing.json").read_text())["runs"]
     for preset in PRESETS:
@@ -184,6 +188,7 @@ def test_timing_records_every_epoch_and_the_certification(results):
         assert certify["wall_s"] >= certify["seconds_total"] * 0.99
 
 
+@pytest.mark.slow
 def test_second_invocation_skips_everything(results, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished output was redone")
@@ -196,6 +201,7 @@ def test_second_invocation_skips_everything(results, monkeypatch):
     assert mtimes(results) == before
 
 
+@pytest.mark.slow
 def test_other_settings_are_refused_before_anything_is_written(results):
     before = mtimes(results)
     changed = [a if a != "lr=0.05" else "lr=0.02" for a in argv(results)]
@@ -212,6 +218,7 @@ def test_missing_reference_file_is_refused_up_front(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_interrupted_certification_resumes_with_the_same_rows(results, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(results, out)
@@ -228,6 +235,7 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_to_the_uninterrupted_weights(results, tmp_path, monkeypatch):
     import keras
 
@@ -265,15 +273,13 @@ def test_default_references_only_for_mnist_sigma_one():
     assert reproduce.default_references({"a": {"dataset": "mnist5k", "sigma": 1.0}}) == []
     assert reproduce.default_references({"a": {"dataset": "mnist", "sigma": 0.5}}) == []
     found = reproduce.default_references(mnist)
-    if (SHARED / "reference" / "certify").is_dir():
+    if (reproduce.SHARED / "reference" / "certify").is_dir():  # the script's own ../shared
         assert [p.name for p in found] == ["mnist_gaussian_sigma1.00.tsv",
                                            "mnist_smoothmix_sigma1.00_eta5_onestep.tsv"]
 
 
 def test_references_are_restricted_to_our_inputs_when_labels_agree():
-    path = SHARED / "reference" / "certify" / "mnist_gaussian_sigma1.00.tsv"
-    if not path.is_file():
-        pytest.skip("../shared/reference/certify is not available")
+    path = require(SHARED / "reference" / "certify" / "mnist_gaussian_sigma1.00.tsv")
     full = analysis.load_certification(path)
     first = reproduce.restrict(full, range(5))
     assert first.idx.tolist() == list(range(5))

@@ -25,7 +25,7 @@ import tensorflow as tf
 
 import keras
 
-from smoothmix_tf import serving
+from smoothmix_tf import atomic, serving
 from smoothmix_tf._checks import SmoothMixError
 from smoothmix_tf.architectures import lenet
 from smoothmix_tf.certify import Smooth
@@ -261,6 +261,7 @@ def parse_signature_defs(text: str) -> dict[str, dict]:
     return found
 
 
+@pytest.mark.slow
 def test_saved_model_cli_lists_signatures_dtypes_and_shapes(model_base):
     defs = parse_signature_defs(saved_model_cli("show", "--dir", str(model_base / "1"), "--all"))
     assert set(defs) - {"__saved_model_init_op"} == SIGNATURES
@@ -289,6 +290,7 @@ def test_saved_model_cli_lists_signatures_dtypes_and_shapes(model_base):
             assert outputs[key] == (dtype, "(-1)"), (name, key)
 
 
+@pytest.mark.slow
 def test_saved_model_cli_run_certify(model_base, smooth, images):
     literal = repr(images[1].tolist()).replace(" ", "")  # white image: a certified class
     text = saved_model_cli("run", "--dir", str(model_base / "1"), "--tag_set", "serve",
@@ -406,6 +408,7 @@ def test_export_refuses_existing_version_and_non_version_paths(model_base, smoot
     assert serving.next_version_path(model_base) == model_base / "2"
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_a_version(tmp_path, smooth):
     serving.export(smooth, tmp_path / "1", n0=10, n=50, batch_size=50)
     serving.export(smooth, tmp_path / "1", n0=10, n=60, batch_size=50, overwrite=True)
@@ -426,6 +429,7 @@ def test_crash_during_save_leaves_no_version(tmp_path, smooth, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # the temp folder was cleaned up
 
 
+@pytest.mark.slow
 def test_killed_export_leaves_only_an_ignored_temp_folder(tmp_path, smooth, monkeypatch):
     """A process killed after writing but before the rename: no cleanup runs at all."""
     real_rename = os.rename
@@ -435,7 +439,7 @@ def test_killed_export_leaves_only_an_ignored_temp_folder(tmp_path, smooth, monk
             raise SystemExit("simulated kill before the rename")
         return real_rename(source, target)
 
-    monkeypatch.setattr(serving, "_remove_tree", lambda path: None)  # a killed process: no cleanup
+    monkeypatch.setattr(atomic, "_remove_tree", lambda path: None)  # a killed process: no cleanup
     monkeypatch.setattr(os, "rename", killed)
     with pytest.raises(SystemExit):
         serving.export(smooth, tmp_path / "1", n0=10, n=50, batch_size=50)
@@ -459,6 +463,7 @@ def test_export_checks_settings(tmp_path, smooth):
 # ------------------------------------------------------------------------------------------------
 # from a training run, and the CLI
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_export_from_run_folder_via_cli(tmp_path, capsys):
     from smoothmix_tf.cli import main
     from smoothmix_tf.model import SmoothedModel

@@ -19,7 +19,7 @@ def k_grid(n: int) -> np.ndarray:
 
 
 def beta_quantile_reference(ks: np.ndarray, n: int, alpha: float) -> np.ndarray:
-    """alpha-quantile of Beta(k, n-k+1) from SciPy; 0 for k = 0 (METHOD.md §1)."""
+    """alpha-quantile of Beta(k, n-k+1) from SciPy; 0 for k = 0 (Cohen et al.'s CERTIFY)."""
     safe = np.maximum(ks, 1)
     return np.where(ks == 0, 0.0, st.beta.ppf(alpha, safe, n - safe + 1))
 

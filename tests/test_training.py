@@ -52,6 +52,7 @@ def weights(model):
     return [w.numpy() for w in model.weights] + [v.numpy() for v in model.optimizer.variables]
 
 
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(tmp_path, tiny_npz):
     full = train(config(tiny_npz), tmp_path / "full", verbose=0)
     with pytest.raises(KeyboardInterrupt):
@@ -79,6 +80,7 @@ def test_run_folder_records_everything_and_training_learns(tmp_path, tiny_npz):
                                   model.base.get_layer("fc2").kernel.numpy())
 
 
+@pytest.mark.slow
 def test_several_steps_per_execution_train_exactly_like_one(tmp_path, tiny_npz):
     """steps_per_execution = 4 over 6-step epochs (a full and a partial call) gives the same weights,
     optimizer state and history as one step per call, resumes, and the progress bar counts steps."""
@@ -161,6 +163,7 @@ def test_mixed_precision_computes_low_and_keeps_losses_float32(tmp_path, tiny_np
     assert loss.dtype == tf.float32 and np.isfinite(loss.numpy())
 
 
+@pytest.mark.slow
 def test_short_smoothmix_run_on_mnist5k_lowers_loss_and_raises_noisy_accuracy(tmp_path):
     cfg = TrainConfig(dataset="mnist5k", architecture="lenet", sigma=0.5, epochs=3, batch_size=32,
                       lr=0.05, lr_decay_epochs=[], seed=0, train_limit=320, test_limit=200,

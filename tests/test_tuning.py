@@ -109,6 +109,7 @@ def search(tmp_path_factory):
             "records": json.loads((project / "results.json").read_text())}
 
 
+@pytest.mark.slow
 def test_search_prints_space_and_ranked_table(search):
     out = search["out"]
     assert "eta            log-uniform [0.5, 16]" in out
@@ -126,6 +127,7 @@ def test_search_prints_space_and_ranked_table(search):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+@pytest.mark.slow
 def test_objective_equals_independent_acr_from_the_tsv(search):
     radii = (0.5 * SIGMA, SIGMA, 2 * SIGMA)
     val_labels = datasets.load_arrays("mnist5k", "validation", limit=VAL_LIMIT)[1]
@@ -158,6 +160,7 @@ def test_objective_equals_independent_acr_from_the_tsv(search):
         assert 0.5 <= record["eta"] <= 16 and 0.5 <= record["attack_length"] <= 6.0
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
 def test_objective_equals_a_fresh_certification_of_the_saved_weights(search):
     from smoothmix_tf.certify import Smooth
@@ -178,6 +181,7 @@ def test_objective_equals_a_fresh_certification_of_the_saved_weights(search):
                                                          abs=1e-5)
 
 
+@pytest.mark.slow
 def test_best_preset_round_trips(search):
     records = completed(search["records"])
     acr = {r["trial_id"]: numpy_acr(**{k: v for k, v in read_tsv(
@@ -251,6 +255,7 @@ def test_a_continued_trial_resumes_its_schedule_and_noise_draws(tmp_path):
     assert int(model.optimizer.iterations.numpy()) == int(model.rng_step.numpy()) == 2 * steps
 
 
+@pytest.mark.slow
 def test_hyperband_search_promotes_a_trial_end_to_end(tmp_path):
     """--tuner hyperband, max 3 epochs, factor 3: 1-epoch trials, then the best of them continued
     to 3 epochs (same η, α, T), all completed and ranked."""
@@ -266,6 +271,7 @@ def test_hyperband_search_promotes_a_trial_end_to_end(tmp_path):
     assert "tuner: hyperband, max_epochs=3, factor=3" in out
 
 
+@pytest.mark.slow
 def test_resume_runs_only_the_remaining_trial(tmp_path):
     settings = tune_cli.settings_from_args(parse(TINY + ["--directory", str(tmp_path),
                                                        "--max-trials", "2", "--no-tensorboard"]))
@@ -298,6 +304,7 @@ def test_resume_runs_only_the_remaining_trial(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # failures are surfaced
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_diverged_trials_fail_loudly_and_the_command_exits_nonzero(tmp_path):
     code, _, err = run_cli(TINY + ["--directory", str(tmp_path), "--max-trials", "1",
                                      "--set", "lr=1e30", "--no-tensorboard"])
@@ -377,7 +384,7 @@ def test_space_defaults_and_lengths_in_units_of_sigma():
 
 
 def test_missing_tensorboard_or_sklearn_is_reported_before_searching(monkeypatch):
-    # keras-tuner fails every trial silently without tensorboard (FACTS.md); sklearn: Bayesian
+    # keras-tuner fails every trial silently without tensorboard (keras-tuner 1.4); sklearn: Bayesian
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     with pytest.raises(SmoothMixError, match="needs the tensorboard package"):
         tuning.check_dependencies("random")
@@ -408,6 +415,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_distributed_chief_and_worker(tmp_path):
     pytest.importorskip("grpc")
     argv = [sys.executable, str(HELPER)] + TINY + [

@@ -6,7 +6,8 @@ An objective separates its randomness from its math:
   ``[m, b, H, W, C]`` already multiplied by σ, mixing ratios, ...), from a stateless seed ``[2]``;
 - ``loss(network, x, y, draws, epoch, sigma) -> (loss, logs)``: a pure function of its arguments;
   ``loss`` is the mean over this replica's batch (the model rescales it for distribution), ``logs``
-  a dict of scalar tensors shown in the progress bar, CSV and TensorBoard.
+  a dict of scalar tensors shown in the progress bar, CSV and TensorBoard: at least the names the
+  class declares in ``metric_names`` (the model builds one tracker per name when it is created).
 
 ``epoch`` is a 0-based float tensor (used by the warm-up schedules). Objectives are
 Keras-serializable (``get_config`` / ``from_config``) so that a ``SmoothedModel`` saves and loads as a
@@ -49,9 +50,15 @@ class Objective:
     """Base class: holds the number of noise copies m and the serialization plumbing."""
 
     name = "objective"
+    metric_names: tuple[str, ...] = ()  # logs reported while training, besides ``loss``
 
     def __init__(self, noise_samples: int = 1):
         self.noise_samples = check_int_at_least("noise_samples (m)", noise_samples, 1)
+
+    @property
+    def uses_epoch(self) -> bool:
+        """True when ``loss`` depends on ``epoch`` (a warm-up): training needs an EpochTracker."""
+        return False
 
     # -- randomness -------------------------------------------------------------------------
     def draw(self, x: tf.Tensor, sigma: float, seed: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -1,10 +1,10 @@
-"""Consistency regularization (Jeong & Shin 2020) as the reference code computes it (METHOD.md §2).
+"""Consistency regularization (Jeong & Shin 2020) as the reference code computes it (``docs/method.md``).
 
 z_i = logits of copy i, F̂ = mean_i softmax(z_i) (not detached);
 L = mean CE(z_i, y) over the m·b copies + λ·mean_b[(1/m) Σ_i KL(F̂ ‖ softmax(z_i))]
     + η'·mean_b H(F̂),
-H(p) = −Σ_k p_k·log(clamp(p_k, 1e-20)). METHOD.md's η' is called ``entropy_weight`` here (``eta`` is
-SmoothMix's mixup weight).
+H(p) = −Σ_k p_k·log(clamp(p_k, 1e-20)). The entropy weight η' of Jeong & Shin is called
+``entropy_weight`` here (``eta`` is SmoothMix's mixup weight).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import tensorflow as tf
 
 from smoothmix_tf import noise as noise_lib
 from smoothmix_tf._checks import check_int_at_least, check_non_negative
-from smoothmix_tf.adversaries import PROBABILITY_FLOOR, loss_dtype_for
+from smoothmix_tf.adversaries import PROBABILITY_FLOOR
+from smoothmix_tf.noise import loss_dtype_for
 from smoothmix_tf.objectives.base import Objective, noisy_accuracy, register
 from smoothmix_tf.objectives.smoothmix import kl_from_log_probs
 
@@ -32,6 +33,8 @@ class Consistency(Objective):
         lam: λ ≥ 0, weight of the KL term (MNIST 10/5/5, CIFAR-10 20/10/10 for σ = .25/.5/1).
         entropy_weight: η' ≥ 0, weight of the entropy term (0.5).
     """
+
+    metric_names = ("loss_ce", "loss_kl", "loss_entropy", "noisy_accuracy")
 
     def __init__(self, noise_samples: int = 2, lam: float = 10.0, entropy_weight: float = 0.5):
         check_int_at_least("noise_samples (m)", noise_samples, 2,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from smoothmix_tf import noise as noise_lib
-from smoothmix_tf.adversaries import loss_dtype_for
+from smoothmix_tf.noise import loss_dtype_for
 from smoothmix_tf.objectives.base import Objective, noisy_accuracy, register
 
 
@@ -16,6 +16,8 @@ class Gaussian(Objective):
     With ``noise_samples`` m > 1 every image contributes m noisy copies (the reference batch
     semantics of the baselines); the paper's Gaussian baseline uses m = 1.
     """
+
+    metric_names = ("loss_ce", "noisy_accuracy")
 
     def __init__(self, noise_samples: int = 1):
         super().__init__(noise_samples)

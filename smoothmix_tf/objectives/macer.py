@@ -1,4 +1,4 @@
-"""MACER (Zhai et al. 2020) as the reference code computes it (METHOD.md §2 "Baselines").
+"""MACER (Zhai et al. 2020) as the reference code computes it (``docs/method.md``).
 
 z = logits of the m noisy copies; L_cl = Σ_b −log(mean_i softmax(z_i)_y + 1e-10);
 p̃ = mean_i softmax(β·z_i); on samples with argmax p̃ = y, with p1 ≥ p2 the top two of p̃,
@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from smoothmix_tf import noise as noise_lib
 from smoothmix_tf._checks import check_int_at_least, check_non_negative, check_positive
-from smoothmix_tf.adversaries import as_dtype, loss_dtype_for
+from smoothmix_tf.noise import as_dtype, loss_dtype_for
 from smoothmix_tf.objectives.base import Objective, noisy_accuracy, register
 
 LOG_OFFSET = 1e-10  # log(p_y + 1e-10) in the classification term
@@ -43,6 +43,8 @@ class MACER(Objective):
         lam: λ ≥ 0, weight of the robustness term (16; 6 for MNIST σ = 1).
         deferred_until_epoch: λ = 0 while epoch < this (0-based; MNIST recipe: the first LR decay).
     """
+
+    metric_names = ("loss_cl", "loss_rob", "robust_rate", "lam", "noisy_accuracy")
 
     def __init__(self, noise_samples: int = 16, beta: float = 16.0, gamma: float = 8.0,
                  lam: float = 16.0, deferred_until_epoch: int = 0):
@@ -75,6 +77,10 @@ class MACER(Objective):
                 "robust_rate": tf.reduce_mean(tf.cast(kept, dtype)), "lam": lam,
                 "noisy_accuracy": noisy_accuracy(logits, noise_lib.tile(y, m))}
         return loss, {k: tf.cast(v, tf.float32) for k, v in logs.items()}
+
+    @property
+    def uses_epoch(self) -> bool:
+        return self.deferred_until_epoch > 0
 
     def get_config(self):
         return {**super().get_config(), "beta": self.beta, "gamma": self.gamma, "lam": self.lam,

@@ -1,4 +1,5 @@
-"""SmoothMix (Jeong et al. 2021; Algorithm 1, eqs. 7–11) exactly as METHOD.md §2 steps 1–7.
+"""SmoothMix (Jeong et al. 2021; Algorithm 1, eqs. 7–11) as the authors' code computes it
+(``docs/method.md``, Training objectives).
 
 1. m noise tensors δ_i drawn once per step, reused by the attack and both passes;
 2. x̃⁽ᵀ⁾ = T steps of the unrestricted adversary on F̂ (eq. 8, ``adversaries.smoothmix_ascent``);
@@ -22,7 +23,8 @@ import tensorflow as tf
 from smoothmix_tf import noise as noise_lib
 from smoothmix_tf._checks import check_int_at_least, check_non_negative, check_positive, fail
 from smoothmix_tf.adversaries import (SMOOTHMIX_NORM_OFFSET, ascent_direction_and_logits,
-                                     clip_unit, loss_dtype_for, project_l2, smoothmix_ascent)
+                                     clip_unit, project_l2, smoothmix_ascent)
+from smoothmix_tf.noise import loss_dtype_for
 from smoothmix_tf.objectives.base import (Objective, is_training_invariant, noisy_accuracy,
                                           register, split_seed, warmup_factor)
 
@@ -50,7 +52,7 @@ def uniform_target(num_classes: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
 
 @register("smoothmix")
 class SmoothMix(Objective):
-    """SmoothMix loss L = L_nat + η·w·L_mix (METHOD.md §2).
+    """SmoothMix loss L = L_nat + η·w·L_mix (paper eq. 11, with the warm-up w of the authors' code).
 
     Args:
         noise_samples: m, noise copies per image (the same δ_i in every pass).
@@ -68,6 +70,8 @@ class SmoothMix(Objective):
             ``--maxnorm_s``); default α. The paper's ImageNet setting (Appendix G) is α = 8,
             T = 1, ``one_step_radius = 1``.
     """
+
+    metric_names = ("loss_nat", "loss_mix", "noisy_accuracy", "mask_rate", "adv_distance")
 
     def __init__(self, noise_samples: int = 4, attack_steps: int = 4, step_size: float = 1.0,
                  eta: float = 5.0, one_step_adversary: bool = False, max_norm: float | None = None,
@@ -150,6 +154,10 @@ class SmoothMix(Objective):
             "adv_distance": tf.reduce_mean(noise_lib.per_sample_l2(x_adv - x)),
         }
         return loss, {k: tf.cast(v, tf.float32) for k, v in logs.items()}
+
+    @property
+    def uses_epoch(self) -> bool:
+        return self.warmup_epochs > 0
 
     # -- serialization ----------------------------------------------------------------------
     def get_config(self):

@@ -1,4 +1,4 @@
-"""Stability training (Li et al. 2019) as the reference code computes it (METHOD.md §2 "Baselines").
+"""Stability training (Li et al. 2019) as the reference code computes it (``docs/method.md``).
 
 L = CE(f(x), y) + λ·Σ_k −softmax(f(x))_k · log softmax(f(x + δ))_k, batch mean; the clean soft
 target is not detached. With m > 1 noise copies the stability term is averaged over the m·b copies.
@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from smoothmix_tf import noise as noise_lib
 from smoothmix_tf._checks import check_non_negative
-from smoothmix_tf.adversaries import loss_dtype_for
+from smoothmix_tf.noise import loss_dtype_for
 from smoothmix_tf.objectives.base import Objective, noisy_accuracy, register
 
 
@@ -22,6 +22,8 @@ class Stability(Objective):
         noise_samples: m noisy copies per image (the reference uses m = 1).
         lam: λ ≥ 0, weight of the stability term (2; 1 for CIFAR-10 σ = 1).
     """
+
+    metric_names = ("loss_clean", "loss_stability", "noisy_accuracy")
 
     def __init__(self, noise_samples: int = 1, lam: float = 2.0):
         super().__init__(noise_samples)
