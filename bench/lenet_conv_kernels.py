@@ -1,7 +1,6 @@
 """LeNet's conv2 kernels alone: forward, filter (weight) gradient and input gradient, as oneDNN runs
 them through TensorFlow, in GFLOP/s and as a share of the machine's matmul ceiling measured in the
-same run. They are the largest part of a Gaussian LeNet step (README "Performance": the
-float32 target for Gaussian would need the whole step at 59 % of that ceiling).
+same run. They are the largest part of a Gaussian LeNet step (docs/performance.md).
 
 Shapes of a Gaussian MNIST step: input [256, 12, 12, 20], kernel [5, 5, 20, 50], output
 [256, 8, 8, 50]; 2 · 256 · 8 · 8 · 50 · 5 · 5 · 20 = 0.82 GFLOP per kernel call.

@@ -1,7 +1,7 @@
 """Distribution strategies for training: ``default`` (one device), ``mirrored`` (all local GPUs, or
 the logical CPU devices), ``multiworker`` (``MultiWorkerMirroredStrategy`` configured by TF_CONFIG).
 
-DESIGN.md "Distribution": the objectives are written per replica and ``SmoothedModel`` scales its
+The objectives are written per replica and ``SmoothedModel`` scales its
 loss by ``1/num_replicas`` (gradients are summed across replicas), so one step on R replicas equals
 the single-device step on the same global batch and the same draws. This module adds what Keras 3
 needs to run ``model.fit`` that way on several workers:

@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_analyze(args) -> int:
-    from smoothmix_tf import analysis
+    from smoothmix_tf import analysis, atomic
 
     names = args.names or [Path(f).stem for f in args.files]
     if len(names) != len(args.files):
@@ -42,7 +42,7 @@ def cmd_analyze(args) -> int:
     table = analysis.markdown_table({**results, **reference}, radii=radii)
     print(table)
     if args.markdown:
-        analysis.atomic_write_text(args.markdown, table + "\n")
+        atomic.atomic_write_text(args.markdown, table + "\n")
     if args.plot:
         analysis.plot_certified_accuracy(results, args.plot, reference=reference or None)
         print(f"wrote {args.plot}")

@@ -46,8 +46,8 @@ def add_parser(sub) -> None:
                    help="distribution: one device, all local devices, or TF_CONFIG workers")
     p.add_argument("--mixed-precision", action="store_true",
                    help="mixed precision: float16 compute on GPUs (loss scaling), bfloat16 on CPUs "
-                        "(1.5-1.6x faster Gaussian and SmoothMix training on an AVX512-BF16 CPU, README "
-                        "'Performance'); "
+                        "(1.5-1.6x faster Gaussian and SmoothMix training on an AVX512-BF16 CPU, "
+                        "docs/performance.md); "
                         "variables, losses and statistics stay float32")
     p.add_argument("--jit-compile", action="store_true", help="XLA-compile the train step (GPUs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

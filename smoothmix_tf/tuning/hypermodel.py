@@ -14,7 +14,7 @@ import keras
 import keras_tuner
 import numpy as np
 
-from smoothmix_tf import _compat, analysis, datasets, training
+from smoothmix_tf import _compat, atomic, datasets, training
 from smoothmix_tf._checks import fail
 from smoothmix_tf.objectives import SmoothMix
 from smoothmix_tf.tuning.objective import (OBJECTIVE_NAME, CertificationSettings,
@@ -133,7 +133,7 @@ class SmoothMixHyperModel(keras_tuner.HyperModel):
             _EvaluatedEpochsOnly(c) if isinstance(c, _compat.save_best_epoch_class())
             else c for c in (callbacks or [])]
         if trial_dir is not None:
-            analysis.atomic_write_text(Path(trial_dir) / "config.json",
+            atomic.atomic_write_text(Path(trial_dir) / "config.json",
                                        json.dumps(config.to_dict(), indent=2))
         if self.tensorboard_dir is not None and trial_id is not None:
             logdir = Path(self.tensorboard_dir) / f"trial_{trial_id}"

@@ -16,7 +16,7 @@ import keras
 import keras_tuner
 import numpy as np
 
-from smoothmix_tf import analysis
+from smoothmix_tf import analysis, atomic
 from smoothmix_tf._checks import check_int_at_least, check_open_unit, fail
 
 OBJECTIVE_NAME = "val_acr"
@@ -70,7 +70,7 @@ def radius_metric_name(radius: float) -> str:
 
 def certification_metrics(result: analysis.CertificationResult,
                           radii: Sequence[float]) -> dict[str, float]:
-    """val_acr (ACR, METHOD.md §1), val_clean_accuracy (certified accuracy at radius 0),
+    """val_acr (ACR: the mean certified radius, 0 when wrong or abstaining; docs/method.md), val_clean_accuracy (certified accuracy at radius 0),
     val_abstain_rate and certified accuracy at ``radii`` of one certification run."""
     metrics = {OBJECTIVE_NAME: analysis.average_certified_radius(result),
                "val_clean_accuracy": float(analysis.certified_accuracy(result, [0.0])[0]),
@@ -122,7 +122,7 @@ class CertifiedValidation(keras.callbacks.Callback):
         if self.out_dir is not None:
             path = self.out_dir / f"certify_epoch{epoch + 1:03d}.tsv"
             analysis.write_certification(result, path, radius_format=TSV_RADIUS_FORMAT)
-            analysis.atomic_write_text(path.with_suffix(".json"), json.dumps(
+            atomic.atomic_write_text(path.with_suffix(".json"), json.dumps(
                 {"split": "validation", "num_inputs": len(self.labels), "sigma": self.sigma,
                  "epoch": epoch + 1, **dataclasses.asdict(self.settings),
                  "metrics": metrics}, indent=2))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import keras_tuner
 
-from smoothmix_tf import analysis, presets, training
+from smoothmix_tf import atomic, presets, training
 from smoothmix_tf.tuning.hypermodel import trial_config
 from smoothmix_tf.tuning.objective import OBJECTIVE_NAME, radius_metric_name
 from smoothmix_tf.tuning.space import HP_ATTACK_LENGTH, HP_ATTACK_STEPS, HP_ETA, SearchSpace
@@ -139,7 +139,7 @@ def plot_search(records: Sequence[TrialRecord], path: str | Path, title: str = "
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    return analysis.atomic_write_bytes(path, buffer.getvalue())
+    return atomic.atomic_write_bytes(path, buffer.getvalue())
 
 
 def _tick_label(value: float, _position: Any = None) -> str:
@@ -182,7 +182,7 @@ def write_best_preset(settings: TuneSettings, record: TrialRecord, path: str | P
          "consistent with it"),
     ]
     text = "\n".join(f"# {line}" for line in header) + "\n\n" + presets.dumps_toml(config)
-    return analysis.atomic_write_text(path, text)
+    return atomic.atomic_write_text(path, text)
 
 
 def write_reports(settings: TuneSettings, records: list[TrialRecord]) -> dict[str, Path]:
@@ -191,8 +191,8 @@ def write_reports(settings: TuneSettings, records: list[TrialRecord]) -> dict[st
     folder = settings.project_dir
     paths = {"table": folder / "trials.md", "results": folder / "results.json"}
     table = ranked_table(records, settings.certification.radii)
-    analysis.atomic_write_text(paths["table"], table + "\n")
-    analysis.atomic_write_text(paths["results"], json.dumps(
+    atomic.atomic_write_text(paths["table"], table + "\n")
+    atomic.atomic_write_text(paths["results"], json.dumps(
         [dataclasses.asdict(r) for r in records], indent=2))
     completed = [r for r in records if r.status == "COMPLETED" and r.val_acr is not None]
     if completed:

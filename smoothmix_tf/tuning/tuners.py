@@ -21,7 +21,7 @@ from typing import Any
 import keras
 import keras_tuner
 
-from smoothmix_tf import _compat, analysis, training
+from smoothmix_tf import _compat, atomic, training
 from smoothmix_tf._checks import check_choice, check_int_at_least, fail
 from smoothmix_tf.choices import TUNERS
 from smoothmix_tf.seeds import TUNER, derive_seed
@@ -177,7 +177,7 @@ def record_settings(settings: TuneSettings) -> None:
                        "change), pass --overwrite to start again, or choose another --directory "
                        "or --project-name.")
     settings.project_dir.mkdir(parents=True, exist_ok=True)
-    analysis.atomic_write_text(path, json.dumps(current, indent=2))
+    atomic.atomic_write_text(path, json.dumps(current, indent=2))
 
 
 def make_tuner(settings: TuneSettings, hypermodel: SmoothMixHyperModel):
