@@ -8,11 +8,10 @@ folder with the full configuration.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
-from smoothmix_tf import analysis, datasets
+from smoothmix_tf import analysis, datasets, ownership
 from smoothmix_tf._checks import fail
 from smoothmix_tf.certify import Smooth
 from smoothmix_tf.evaluation import run_certification
@@ -44,11 +43,21 @@ def quick_config(method: str, sigma: float, epochs: int | None, seed: int) -> Tr
 def run_quickstart(out: str | Path = "runs/quickstart", method: str = "smoothmix",
                    sigma: float = 0.5, epochs: int | None = None, certify_max: int = 100,
                    n: int = 10_000, seed: int = 0, overwrite: bool = False) -> dict:
-    """Train, certify, report; returns {"acr": ..., "table": ..., "plot": ..., "run": ...}."""
+    """Train, certify, report; returns {"acr": ..., "table": ..., "plot": ..., "run": ...}.
+
+    An existing ``out`` is resumed; ``overwrite`` starts again, deleting ``out`` only if smoothmix
+    wrote it (ownership marker) and it is neither the working directory nor one of its parents.
+    """
     out = Path(out)
     config = quick_config(method, sigma, epochs, seed)
     if out.exists() and overwrite:
-        shutil.rmtree(out)
+        ownership.check_removable(out)  # only a folder smoothmix wrote; never . or a parent
+    elif out.is_dir() and any(p.name != ownership.FOLDER_LOCK for p in out.iterdir()) \
+            and ownership.read_marker(out) is None:
+        raise fail(f"{out} holds files that smoothmix did not write",
+                   "Choose another --out folder (quickstart writes a run folder of its own).")
+    if out.exists() and overwrite:
+        ownership.remove_owned_folder(out)
     resume = (out / "checkpoint.keras").exists()
     if resume:
         print(f"resuming the run in {out} (pass --overwrite to start again)")

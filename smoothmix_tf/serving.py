@@ -66,6 +66,7 @@ from smoothmix_tf.certify import (Smooth, _check_certify_settings, _check_predic
 FORMAT_VERSION = 1
 METADATA_FILE = "smoothmix.json"
 TEMP_PREFIX = ".tmp-export-"  # not a number: TF Serving never loads it as a version
+DEFAULT_MAX_BATCH = 64  # images per request: 64 at n = 100,000 is 6.4 M network evaluations
 _OLD_PREFIX = ".old-export-"
 
 CERTIFY_OUTPUTS = {"classes": tf.int64, "radius": tf.float32, "p_lower": tf.float64,
@@ -98,10 +99,10 @@ def _padded_shape(tensor: tf.Tensor, length: int) -> tf.Tensor:
 
 
 def check_request_images(images: tf.Tensor, image_shape: tuple[int | None, ...],
-                         dtype_text: str) -> tf.Tensor:
-    """Rank 4, the network's height/width/channels and a non-empty batch, checked on the shape
-    actually received (InvalidArgumentError naming the expected and the received shape).
-    Returns ``images`` with the static shape ``[None, *image_shape]``."""
+                         dtype_text: str, max_batch: int | None = None) -> tf.Tensor:
+    """Rank 4, the network's height/width/channels and a non-empty batch of at most ``max_batch``
+    images, checked on the shape actually received (InvalidArgumentError naming the expected and
+    the received shape). Returns ``images`` with the static shape ``[None, *image_shape]``."""
     want = "[batch, " + ", ".join("?" if d is None else str(d) for d in image_shape) + "]"
     received = tf.raw_ops.Shape(input=images, out_type=tf.int64)
     shape = _padded_shape(images, 5)
@@ -122,7 +123,15 @@ def check_request_images(images: tf.Tensor, image_shape: tuple[int | None, ...],
         empty_check = tf.debugging.Assert(
             shape[0] >= 1, ["images is an empty batch: send at least one image; got shape",
                             received], summarize=8)
-    with tf.control_dependencies([empty_check]):
+    checks = [empty_check]
+    if max_batch is not None:
+        with tf.control_dependencies([empty_check]):
+            checks = [tf.debugging.Assert(
+                shape[0] <= max_batch,
+                [f"a request holds at most {max_batch} images (the export's max_batch; each "
+                 "costs n0 + n network evaluations): split it into smaller requests; got shape",
+                 received], summarize=8)]
+    with tf.control_dependencies(checks):
         images = tf.identity(images)
     return tf.ensure_shape(images, [None, *image_shape])
 
@@ -173,7 +182,7 @@ class SmoothServingModule(tf.Module):
     """
 
     def __init__(self, smooth: Smooth, n0: int, n: int, alpha: float, batch_size: int,
-                 seed: int, parallel_images: int = 1):
+                 seed: int, parallel_images: int = 1, max_batch: int = DEFAULT_MAX_BATCH):
         super().__init__(name="smoothmix_serving")
         if smooth.image_shape is None:
             raise fail("the base network has no static input shape",
@@ -185,6 +194,7 @@ class SmoothServingModule(tf.Module):
                          "batch_size": int(batch_size)}
         self.default_seed = int(seed)
         self.parallel_images = int(parallel_images)
+        self.max_batch = int(max_batch)
         # Track the variables the graph reads (the deployed network: a reduced-precision copy
         # when Smooth was built with inference_dtype).
         self.network_variables = [getattr(v, "value", v) for v in smooth.network.variables]
@@ -246,7 +256,7 @@ class SmoothServingModule(tf.Module):
     # -- signatures -----------------------------------------------------------------------------
     def _as_float(self, images: tf.Tensor, uint8: bool) -> tf.Tensor:
         images = check_request_images(images, self.image_shape,
-                                      "uint8" if uint8 else "float32")
+                                      "uint8" if uint8 else "float32", self.max_batch)
         if uint8:
             return tf.cast(images, tf.float32) / 255.0
         return check_request_pixels(images)
@@ -342,13 +352,19 @@ def export_metadata(module: SmoothServingModule, run_config: dict | None,
 
     from smoothmix_tf import __version__
 
+    from smoothmix_tf.ownership import settings_hash
+
     smooth, settings = module.smooth, module.settings
+    written = {**settings, "sigma": smooth.sigma, "default_seed": module.default_seed,
+               "max_batch": module.max_batch, "inference_dtype": smooth.inference_dtype,
+               "checkpoint": source}
     return {
         "format": "smoothmix-tf serving export", "format_version": FORMAT_VERSION,
+        "command": "export", "settings_hash": settings_hash(written),
         "certificate": CERTIFICATE_MEANING,
         "sigma": smooth.sigma, "n0": settings["n0"], "n": settings["n"],
         "alpha": settings["alpha"], "noise_batch_size": settings["batch_size"],
-        "default_seed": module.default_seed,
+        "default_seed": module.default_seed, "max_batch": module.max_batch,
         "max_certifiable_radius": max_certifiable_radius(smooth.sigma, settings["n"],
                                                          settings["alpha"]),
         "num_classes": smooth.num_classes, "image_shape": list(module.image_shape),
@@ -406,6 +422,11 @@ def _check_version_path(path: Path, overwrite: bool) -> None:
         raise fail(f"{path} already holds version {path.name} (TF Serving may be serving it)",
                    f"Export to the next version {next_version_path(path.parent)}, or pass "
                    f"overwrite=True (--overwrite) to replace it.")
+    if path.exists() and not (path / "assets" / METADATA_FILE).is_file():
+        raise fail(f"refusing to replace {path}: it is not a smoothmix export (no "
+                   f"assets/{METADATA_FILE})",
+                   f"Export to a new version {next_version_path(path.parent)}, or delete the "
+                   "folder yourself if you are sure.")
 
 
 def _fsync_tree(root: Path) -> None:
@@ -421,6 +442,15 @@ def _fsync_tree(root: Path) -> None:
             os.close(descriptor)
 
 
+def _make_readable(root: Path) -> None:
+    """Folders 0755, files 0644: a TF Serving process running as another user can read the
+    export (``tempfile.mkdtemp`` creates 0700)."""
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o755)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o644)
+
+
 def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -433,6 +463,7 @@ def atomic_write_folder(target: Path, write: Callable[[Path], None], overwrite: 
     temp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{target.name}-", dir=target.parent))
     try:
         write(temp)
+        _make_readable(temp)
         _fsync_tree(temp)
         if target.exists():
             _check_version_path(target, overwrite)
@@ -451,15 +482,17 @@ def atomic_write_folder(target: Path, write: Callable[[Path], None], overwrite: 
 def export(smooth: Smooth, path: str | Path, n0: int = 100, n: int = 100_000,
            alpha: float = 0.001, batch_size: int = 1000, *, seed: int = 0,
            run_config: dict | None = None, source: str | None = None, overwrite: bool = False,
-           parallel_images: int = 1) -> Path:
+           parallel_images: int = 1, max_batch: int = DEFAULT_MAX_BATCH) -> Path:
     """Write ``smooth`` with PREDICT and CERTIFY as a TF Serving SavedModel at ``path``.
 
     ``path`` is ``MODEL_BASE/VERSION`` (VERSION a number). n0, n, alpha (CERTIFY's failure
     probability) and batch_size (noise samples per network call) are fixed in the graph; ``seed``
     is the seed of the signatures without a ``seed`` input. ``run_config`` (the training run's
     config) and ``source`` (checkpoint path) are recorded in ``assets/smoothmix.json``.
-    ``parallel_images`` images of a request may be processed at once (results unchanged).
-    Refuses an existing version unless ``overwrite``; writes atomically. Returns ``path``.
+    ``parallel_images`` images of a request may be processed at once (results unchanged); a
+    request of more than ``max_batch`` images is refused (INVALID_ARGUMENT). Refuses an existing
+    version unless ``overwrite`` (and then only a smoothmix export); writes atomically, folders
+    0755 and files 0644. Returns ``path``.
     """
     if not isinstance(smooth, Smooth):
         raise fail(f"export needs a smoothmix_tf.Smooth, got {type(smooth).__name__}",
@@ -468,12 +501,14 @@ def export(smooth: Smooth, path: str | Path, n0: int = 100, n: int = 100_000,
     _check_predict_settings(n, alpha, batch_size)
     seed = _check_seed(seed)
     check_int_at_least("parallel_images", parallel_images, 1)
+    check_int_at_least("max_batch", max_batch, 1, "Pass --max-batch >= 1 images per request.")
     target = Path(path)
     _check_version_path(target, overwrite)
     if run_config is not None:
         run_config = json.loads(json.dumps(run_config))  # must be JSON (fails early otherwise)
 
-    module = SmoothServingModule(smooth, n0, n, alpha, batch_size, seed, parallel_images)
+    module = SmoothServingModule(smooth, n0, n, alpha, batch_size, seed, parallel_images,
+                                 max_batch)
     signatures = module.signatures()
     metadata = export_metadata(module, run_config, source)
 
@@ -494,7 +529,8 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, n0: int = 10
                            n: int = 100_000, alpha: float = 0.001, batch_size: int = 1000, *,
                            sigma: float | None = None, seed: int = 0,
                            precision: str | None = None, jit_compile: bool = False,
-                           overwrite: bool = False, parallel_images: int = 1) -> Path:
+                           overwrite: bool = False, parallel_images: int = 1,
+                           max_batch: int = DEFAULT_MAX_BATCH) -> Path:
     """Export a training run (folder with checkpoint.keras + config.json) or a .keras file.
 
     σ defaults to the one the run was trained with (required for a bare base network).
@@ -502,6 +538,8 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, n0: int = 10
     """
     path = Path(out)
     _check_version_path(path, overwrite)  # before the (slow) checkpoint load
+    _check_certify_settings(n0, n, alpha, batch_size)
+    _check_seed(seed)
     from smoothmix_tf.training import load_trained
 
     base, trained_sigma, run_config = load_trained(checkpoint)
@@ -513,7 +551,8 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, n0: int = 10
                     inference_dtype=None if precision in (None, "float32") else precision,
                     jit_compile=jit_compile)
     return export(smooth, path, n0, n, alpha, batch_size, seed=seed, run_config=run_config,
-                  source=str(checkpoint), overwrite=overwrite, parallel_images=parallel_images)
+                  source=str(checkpoint), overwrite=overwrite, parallel_images=parallel_images,
+                  max_batch=max_batch)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -567,6 +606,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="XLA-compile the sampling loop (GPUs; the server must support XLA)")
     parser.add_argument("--parallel-images", type=int, default=1,
                         help="images of one request processed at once (default 1)")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                        help="most images per request; larger requests get INVALID_ARGUMENT "
+                             f"(each image costs n0 + n network calls; default {DEFAULT_MAX_BATCH})")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing version (TF Serving does not reload a version "
                              "it already serves: prefer a new version number)")
@@ -579,7 +621,8 @@ def run_export_command(args: argparse.Namespace) -> int:
                                   alpha=args.alpha, batch_size=args.batch, sigma=args.sigma,
                                   seed=args.seed, precision=args.precision,
                                   jit_compile=args.jit_compile, overwrite=args.overwrite,
-                                  parallel_images=args.parallel_images)
+                                  parallel_images=args.parallel_images,
+                                  max_batch=args.max_batch)
     meta = read_metadata(path)
     print(f"exported {path} (σ={meta['sigma']}, n0={meta['n0']}, n={meta['n']}, "
           f"alpha={meta['alpha']}; radii up to {meta['max_certifiable_radius']:.3f})")
