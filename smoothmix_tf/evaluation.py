@@ -91,10 +91,15 @@ def _check_resume(out: Path, sidecar: Path, record: dict[str, Any], done: bool) 
               "--resume continues the same job", file=sys.stderr)
         return
     stored = json.loads(sidecar.read_text())
+    fields = RESULT_FIELDS
+    if "settings_hash" not in stored:  # written by an older version: compare what it recorded
+        fields = [f for f in RESULT_FIELDS if f in stored]
+        print(f"warning: {sidecar} predates checkpoint hashes; only {', '.join(fields)} can be "
+              "checked on --resume", file=sys.stderr)
     ownership.check_same_settings(
         stored, record, str(sidecar),
         f"Resume with the settings of the rows already in {out}, or write to a new --out file.",
-        RESULT_FIELDS)
+        fields)
 
 
 def run_certification(smooth: Smooth, images: np.ndarray, labels: np.ndarray,

@@ -141,11 +141,11 @@ def check_removable(folder: str | Path) -> Path:
     return path
 
 
-def remove_owned_folder(folder: str | Path) -> None:
-    """``--overwrite``: delete ``folder`` if it carries our marker (see :func:`check_removable`)
-    and no other process writes into it."""
+def remove_owned_folder(folder: str | Path, already_locked: bool = False) -> None:
+    """``--overwrite``: empty ``folder`` if it carries our marker (see :func:`check_removable`)
+    and no other process writes into it (``already_locked``: the caller holds its lock)."""
     path = check_removable(folder)
-    with hold_lock(path, folder=True):
+    with contextlib.nullcontext() if already_locked else hold_lock(path, folder=True):
         for child in path.iterdir():
             if child.name == FOLDER_LOCK:
                 continue

@@ -314,6 +314,9 @@ def check_resume_config(run_dir: Path, config: TrainConfig) -> None:
     stored = stored_config(run_dir)
     if stored is None:
         return
+    if set(stored) <= {f.name for f in dataclasses.fields(TrainConfig)}:
+        stored = TrainConfig.from_dict(stored).to_dict()  # fields added since: their defaults
+    stored = json.loads(json.dumps(stored))
     requested = json.loads(json.dumps(config.to_dict()))
     fields = [f for f in sorted(set(stored) | set(requested)) if f not in RESUME_MAY_CHANGE]
     ownership.check_same_settings(

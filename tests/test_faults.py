@@ -415,6 +415,19 @@ def test_bad_certify_settings_are_reported_before_anything_loads(tmp_path, capsy
     assert time.time() - start < 5
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--dataset", "npz:missing.npz", "--seed", str(2 ** 40)], "seed must be < 2**32"),
+    (["train", "--dataset", "npz:missing.npz", "--seed", "-1"], "got -1"),
+    (["export", "--checkpoint", "missing", "--seed", "-1"], "got -1"),
+    (["export", "--checkpoint", "missing", "--n", str(10 ** 12)], "hours per input"),
+])
+def test_bad_train_and_export_settings_are_reported_before_anything_loads(tmp_path, capsys,
+                                                                          argv, message):
+    code = main([*argv, "--out", str(tmp_path / "out" / "1")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "no file" not in err and "no checkpoint" not in err
+
+
 @pytest.mark.parametrize("out,message", [("folder", "it must be a file path"),
                                          ("c.json", "overwritten by its own settings file")])
 def test_certify_out_must_be_a_file_other_than_its_sidecar(tmp_path, capsys, out, message):
