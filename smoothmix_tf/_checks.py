@@ -60,3 +60,32 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     if value not in choices:
         raise fail(f"unknown {name} {value!r}", f"Choose one of: {', '.join(choices)}.")
     return value
+
+
+# Upper bounds of the Monte Carlo sample counts (CERTIFY's n0 and n, PREDICT's n) and of the noise
+# batch. 10^9 samples of one input take about 3 hours at a rough 100,000 samples/s (LeNet on one
+# CPU; a GPU is ~10-100x faster), so a larger value is almost surely a typo (1e20 for 1e5).
+MAX_NOISE_SAMPLES = 10 ** 9
+MAX_NOISE_BATCH = 10 ** 6
+ROUGH_SAMPLES_PER_SECOND = 100_000
+
+
+def check_sample_count(name: str, value: Any, maximum: int = MAX_NOISE_SAMPLES) -> int:
+    """An integer count of noise samples in [1, maximum], with a time estimate when it is huge."""
+    value = check_int_at_least(name, value, 1)
+    if value > maximum:
+        hours = value / ROUGH_SAMPLES_PER_SECOND / 3600
+        raise fail(f"{name} = {value:,} is above the limit {maximum:,}: at a rough "
+                   f"{ROUGH_SAMPLES_PER_SECOND:,} noise samples/s it would take about {hours:,.0f} "
+                   "hours per input",
+                   f"Pass {name} <= {maximum:,} (the paper uses n0=100, n=100,000).")
+    return value
+
+
+def check_noise_batch(name: str, value: Any) -> int:
+    """Noise samples per network call in [1, MAX_NOISE_BATCH] (larger would not fit in memory)."""
+    value = check_int_at_least(name, value, 1)
+    if value > MAX_NOISE_BATCH:
+        raise fail(f"{name} = {value:,} is above the limit {MAX_NOISE_BATCH:,} (a batch that large "
+                   "would not fit in memory)", "Pass e.g. 1000; it changes speed only.")
+    return value

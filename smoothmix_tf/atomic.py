@@ -83,11 +83,21 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _readable_tree(root: Path) -> None:
+    """Folders 0755, files 0644 (``mkdtemp`` creates 0700): a process running as another user
+    (e.g. TF Serving) can read what was written."""
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o755)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o644)
+
+
 def atomic_write_folder(target: str | Path, write: Callable[[Path], None], *, overwrite: bool,
                         temp_prefix: str = ".tmp-", old_prefix: str = ".old-") -> Path:
     """Run ``write(temporary_folder)``, flush it, then rename the folder to ``target``.
 
-    The temporary folder ``target.parent/<temp_prefix><name>-…`` is removed on any error. An
+    The folder is made readable by others (folders 0755, files 0644). The temporary folder
+    ``target.parent/<temp_prefix><name>-…`` is removed on any error. An
     existing ``target`` is replaced only if ``overwrite`` (it is first renamed to
     ``<old_prefix><name>-…`` and removed after the new folder is in place); otherwise the write
     fails without touching it.
@@ -97,6 +107,7 @@ def atomic_write_folder(target: str | Path, write: Callable[[Path], None], *, ov
     temp = Path(tempfile.mkdtemp(prefix=f"{temp_prefix}{target.name}-", dir=target.parent))
     try:
         write(temp)
+        _readable_tree(temp)
         fsync_tree(temp)
         if target.exists():
             if not overwrite:

@@ -36,8 +36,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from smoothmix_tf._checks import (SmoothMixError, check_choice, check_int_at_least, check_open_unit,
-                                  check_positive, fail)
+from smoothmix_tf._checks import (SmoothMixError, check_choice, check_int_at_least,
+                                  check_noise_batch, check_open_unit, check_positive,
+                                  check_sample_count, fail)
 from smoothmix_tf.choices import INFERENCE_DTYPES
 from smoothmix_tf.hardware import warn_if_bfloat16_is_emulated
 from smoothmix_tf.images import as_image_array, validate_images
@@ -547,15 +548,18 @@ def _as_float(value: Any) -> Any:
 def _check_settings_common(n: int, alpha: float, batch_size: int) -> None:
     check_int_at_least("n (estimation noise samples)", _as_int(n), 1,
                        "Pass n >= 1 noise samples, e.g. n=100000 (the paper's setting).")
+    check_sample_count("n (estimation noise samples)", _as_int(n))
     check_open_unit("alpha (failure probability)", _as_float(alpha),
                     "Pass alpha in (0, 1), e.g. alpha=0.001 (the paper's setting).")
     check_int_at_least("batch_size (noise samples per network call)", _as_int(batch_size), 1,
                        "Pass batch_size >= 1, e.g. 1000.")
+    check_noise_batch("batch_size (noise samples per network call)", _as_int(batch_size))
 
 
 def _check_certify_settings(n0: int, n: int, alpha: float, batch_size: int) -> None:
     check_int_at_least("n0 (selection noise samples)", _as_int(n0), 1,
                        "Pass n0 >= 1, e.g. n0=100 (the paper's setting).")
+    check_sample_count("n0 (selection noise samples)", _as_int(n0))
     _check_settings_common(n, alpha, batch_size)
 
 

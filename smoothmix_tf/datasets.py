@@ -15,7 +15,8 @@ Names
 ``npz:PATH``
     Your own arrays in a ``.npz`` file with keys ``x_train``, ``y_train``, ``x_test``, ``y_test``.
     Images NHWC or NHW (a channel axis is added), uint8 (divided by 255; any integer dtype with
-    values in [0, 255] likewise) or float already in [0, 1]; labels integers of shape [N] or [N, 1].
+    values in [0, 255] likewise; integers holding only 0/1 are refused, save those as floats) or
+    float already in [0, 1]; labels integers of shape [N] or [N, 1].
 ``mnist``, ``cifar10``, ``imagenet2012``
     TensorFlow Datasets, read from ``data_dir`` (TFDS's default folder when None). A dataset that
     is not prepared there is downloaded only if its server answers within seconds; offline, the
@@ -196,13 +197,16 @@ def _npz_images(path: str, key: str, images: np.ndarray) -> np.ndarray:
                    "Save channels-last arrays: np.transpose(x, (0, 2, 3, 1)).")
     if images.shape[0] == 0 or 0 in images.shape[1:]:
         raise fail(f"{path}: {key} is empty (shape {images.shape})", "Save at least one image.")
-    if images.dtype == np.uint8:
-        return images
     if np.issubdtype(images.dtype, np.integer):
         low, high = int(images.min()), int(images.max())
         if low < 0 or high > 255:
             raise fail(f"{path}: integer {key} has values in [{low}, {high}], outside [0, 255]",
                        "Save 8-bit pixels (0..255) or floats in [0, 1].")
+        if high <= 1:  # 0/1 masks: dividing by 255 would make every image almost black
+            raise fail(f"{path}: integer {key} holds only values in [{low}, {high}]; integer "
+                       "images are read as 8-bit pixels 0..255 and divided by 255",
+                       "Save binary or [0, 1] images as floats (x.astype(np.float32)), or scale "
+                       "them to 0..255 (x * 255, as uint8).")
         return images.astype(np.uint8)
     if np.issubdtype(images.dtype, np.floating):
         images = images.astype(np.float32)
@@ -235,6 +239,16 @@ def _npz_labels(path: str, key: str, labels: np.ndarray, count: int) -> np.ndarr
     return labels.astype(np.int64)
 
 
+def _npz_array(archive, path: str, key: str) -> np.ndarray:
+    """One array of the archive; an object (pickled) array is a clear error, never unpickled."""
+    try:
+        return archive[key]
+    except ValueError as err:
+        raise fail(f"{path}: {key} is not a numeric array ({err})",
+                   "Save numeric arrays: numpy.savez(PATH, x_train=np.asarray(x, np.uint8), ...), "
+                   "not lists of arrays or Python objects.") from err
+
+
 @functools.lru_cache(maxsize=2)
 def _read_npz(path: str, mtime: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     del mtime  # part of the cache key only: a rewritten file is read again
@@ -253,8 +267,9 @@ def _read_npz(path: str, mtime: float) -> dict[str, tuple[np.ndarray, np.ndarray
                        "y_test=...).")
         splits = {}
         for split in ("train", "test"):
-            images = _npz_images(path, f"x_{split}", archive[f"x_{split}"])
-            labels = _npz_labels(path, f"y_{split}", archive[f"y_{split}"], len(images))
+            images = _npz_images(path, f"x_{split}", _npz_array(archive, path, f"x_{split}"))
+            labels = _npz_labels(path, f"y_{split}", _npz_array(archive, path, f"y_{split}"),
+                                 len(images))
             splits[split] = (images, labels)
     if splits["train"][0].shape[1:] != splits["test"][0].shape[1:]:
         raise fail(f"{path}: x_train images have shape {splits['train'][0].shape[1:]} but x_test "

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from smoothmix_tf import analysis
+from smoothmix_tf import analysis, ownership
+from smoothmix_tf._checks import fail
 from smoothmix_tf.atomic import atomic_write_text
 from smoothmix_tf.certify import Smooth
 from smoothmix_tf.seeds import CERTIFY_INPUT, derive_seed
@@ -24,9 +25,83 @@ CERTIFY_COLUMNS = ["idx", "label", "predict", "radius", "correct", "time"]
 PREDICT_COLUMNS = ["idx", "label", "predict", "correct", "time"]
 
 
+# Settings that change a row: resuming with any of them different would mix two jobs in one file.
+# ``batch_size`` changes speed only; ``skip``/``max`` only choose which inputs get a row (the row of
+# input i depends on (seed, i), not on the others), so they may change on resume.
+RESULT_FIELDS = ["certify", "n0", "n", "alpha", "seed", "sigma", "checkpoint_sha256", "dataset",
+                 "split", "precision"]
+MAX_SEED = 2 ** 63 - 1
+
+
 def input_seed(seed: int, index: int) -> int:
     """The noise seed of dataset input ``index`` (independent of order, batching and resumption)."""
     return derive_seed(seed, CERTIFY_INPUT, index)
+
+
+def check_certification_settings(*, certify: bool, n0: int, n: int, alpha: float, batch_size: int,
+                                 seed: Any, last_index: int = 0) -> None:
+    """Every setting of a certification run, checked before any model or data is loaded; a bad
+    seed is reported as the user gave it (not as a derived per-input seed)."""
+    from smoothmix_tf.certify import _check_certify_settings, _check_predict_settings
+
+    if certify:
+        _check_certify_settings(n0, n, alpha, batch_size)
+    else:
+        _check_predict_settings(n, alpha, batch_size)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise fail(f"--seed {seed!r} is not an integer in [0, 2**63 - 1]", "Pass e.g. --seed 0.")
+    largest = (MAX_SEED - max(last_index, 0)) // 1_000_003
+    if seed > largest:
+        raise fail(f"--seed {seed} is too large: the noise seed of input i is "
+                   f"seed * 1,000,003 + i, which must stay below 2**63",
+                   f"Pass --seed <= {largest:,}.")
+
+
+def check_certification_request(out: str | Path, *, certify: bool, n0: int, n: int, alpha: float,
+                                batch_size: int, seed: Any) -> None:
+    """What ``smoothmix certify/predict`` checks before loading anything: the settings, and that
+    ``out`` is a file path other than its settings file ``<out>.json``."""
+    check_certification_settings(certify=certify, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
+                                 seed=seed)
+    ownership.check_output_file(out, Path(out).with_suffix(".json"))
+
+
+def checkpoint_digest(checkpoint: str | Path) -> str | None:
+    """sha256 of the checkpoint file (``<run>/checkpoint.keras`` for a run folder), or None."""
+    path = Path(checkpoint)
+    path = path / "checkpoint.keras" if path.is_dir() else path
+    return ownership.file_digest(path) if path.is_file() else None
+
+
+def check_labels(labels: np.ndarray, indices: Sequence[int], num_classes: int) -> None:
+    """Labels of the certified inputs must be classes of the model, in [0, num_classes)."""
+    chosen = np.asarray(labels)[np.asarray(list(indices), dtype=np.int64)]
+    bad = chosen[(chosen < 0) | (chosen >= num_classes)]
+    if bad.size:
+        raise fail(f"{bad.size} label(s) lie outside the model's classes [0, {num_classes}) "
+                   f"(e.g. {int(bad[0])}): every such row would be scored wrong",
+                   "Certify the dataset the model was trained on (--dataset), or a model with "
+                   "as many classes as the labels.")
+
+
+def _check_resume(out: Path, sidecar: Path, record: dict[str, Any], done: bool) -> None:
+    """``resume`` continues the same job: the stored sidecar must match on RESULT_FIELDS."""
+    if not done:
+        return
+    if not sidecar.is_file():
+        print(f"warning: {out} has rows but no settings file {sidecar}; cannot check that "
+              "--resume continues the same job", file=sys.stderr)
+        return
+    stored = json.loads(sidecar.read_text())
+    fields = RESULT_FIELDS
+    if "settings_hash" not in stored:  # written by an older version: compare what it recorded
+        fields = [f for f in RESULT_FIELDS if f in stored]
+        print(f"warning: {sidecar} predates checkpoint hashes; only {', '.join(fields)} can be "
+              "checked on --resume", file=sys.stderr)
+    ownership.check_same_settings(
+        stored, record, str(sidecar),
+        f"Resume with the settings of the rows already in {out}, or write to a new --out file.",
+        fields)
 
 
 def run_certification(smooth: Smooth, images: np.ndarray, labels: np.ndarray,
@@ -36,21 +111,46 @@ def run_certification(smooth: Smooth, images: np.ndarray, labels: np.ndarray,
                       progress: bool = True, config: dict[str, Any] | None = None) -> Path:
     """CERTIFY (or PREDICT) ``images[indices]`` and write the reference TSV to ``out``.
 
-    ``config`` (the run's settings) is written beside the TSV as ``<out>.json``.
+    ``config`` (the run's settings) is written beside the TSV as ``<out>.json`` (with the
+    checkpoint's sha256 when ``config["checkpoint"]`` names one). ``out`` is locked while the run
+    writes it (a second writer gets "in use by pid N"); ``resume=True`` refuses to append rows
+    when a setting in :data:`RESULT_FIELDS` differs from the stored ``<out>.json``.
     """
-    from tqdm import tqdm
-
     out = Path(out)
-    record = {"certify": certify, "n0": n0 if certify else None, "n": n, "alpha": alpha,
+    sidecar = out.with_suffix(".json")
+    ownership.check_output_file(out, sidecar)
+    check_certification_settings(certify=certify, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
+                                 seed=seed, last_index=max(indices, default=0))
+    check_labels(labels, indices, smooth.num_classes)
+    record = {"command": "certify" if certify else "predict", "certify": certify,
+              "n0": n0 if certify else None, "n": n, "alpha": alpha,
               "batch_size": batch_size, "seed": seed, "sigma": smooth.sigma,
               "num_inputs": len(indices), **(config or {})}
-    atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2, default=str))
-    writer = analysis.TsvWriter(out, columns=CERTIFY_COLUMNS if certify else PREDICT_COLUMNS,
-                                resume=resume)
+    if (config or {}).get("checkpoint") is not None:
+        record["checkpoint_sha256"] = checkpoint_digest(config["checkpoint"])
+    record["settings_hash"] = ownership.settings_hash({k: record.get(k) for k in RESULT_FIELDS})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with ownership.hold_lock(out):
+        writer = analysis.TsvWriter(out, columns=CERTIFY_COLUMNS if certify else PREDICT_COLUMNS,
+                                    resume=resume)
+        with writer:
+            _check_resume(out, sidecar, record, resume and bool(writer.done))
+            ownership.crash_point("settings")
+            atomic_write_text(sidecar, json.dumps(record, indent=2, default=str))
+            _certify_rows(smooth, images, labels, indices, writer, certify=certify, n0=n0, n=n,
+                          alpha=alpha, batch_size=batch_size, seed=seed, progress=progress)
+    return out
+
+
+def _certify_rows(smooth: Smooth, images: np.ndarray, labels: np.ndarray, indices: Sequence[int],
+                  writer: analysis.TsvWriter, *, certify: bool, n0: int, n: int, alpha: float,
+                  batch_size: int, seed: int, progress: bool) -> None:
+    from tqdm import tqdm
+
     todo = [i for i in indices if i not in writer.done]
-    with writer, tqdm(total=len(indices), initial=len(indices) - len(todo), unit="input",
-                      desc="certify" if certify else "predict", file=sys.stderr,
-                      disable=not progress) as bar:
+    with tqdm(total=len(indices), initial=len(indices) - len(todo), unit="input",
+              desc="certify" if certify else "predict", file=sys.stderr,
+              disable=not progress) as bar:
         for i in todo:
             start = time.time()
             image, label = images[i: i + 1], int(labels[i])
@@ -65,5 +165,5 @@ def run_certification(smooth: Smooth, images: np.ndarray, labels: np.ndarray,
                                          seed=input_seed(seed, i))
                 pred = int(classes[0])
                 writer.write_row(i, label, pred, int(pred == label), time.time() - start)
+            ownership.crash_point("tsv_row")
             bar.update(1)
-    return out

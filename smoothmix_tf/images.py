@@ -85,6 +85,15 @@ def _shape_checks(images: tf.Tensor, image_shape: Sequence[int | None] | None,
     return checks + [non_empty]
 
 
+def _batch_limit(images: tf.Tensor, max_batch: int) -> _Check:
+    def check():
+        received = tf.raw_ops.Shape(input=images, out_type=tf.int64)
+        return received[0] <= max_batch, [
+            f"a request holds at most {max_batch} images (the export's max_batch; each costs "
+            "n0 + n network evaluations): split it into smaller requests; got shape", received]
+    return check
+
+
 def _pixel_checks(images: tf.Tensor, range_hint: str) -> list[_Check]:
     def finite():
         return tf.reduce_all(tf.math.is_finite(images)), [
@@ -128,11 +137,13 @@ def _apply(images: tf.Tensor, checks: list[_Check]) -> tf.Tensor:
 
 
 def validate_images(images: Any, image_shape: Sequence[int | None] | None = None, *,
-                    validate_args: bool = True, range_hint: str = RANGE_HINT) -> tf.Tensor:
+                    validate_args: bool = True, range_hint: str = RANGE_HINT,
+                    max_batch: int | None = None) -> tf.Tensor:
     """Check a batch of images ``[batch, H, W, C]`` (float pixels in [0, 1], or uint8) -> tensor.
 
     ``image_shape`` is the network's ``(H, W, C)`` (``None`` entries, or ``None``, are not
-    checked). Float batches must be finite and in [0, 1] (``range_hint`` ends that message);
+    checked); ``max_batch`` (if given) bounds the batch size (a served request's limit). Float
+    batches must be finite and in [0, 1] (``range_hint`` ends that message);
     uint8 batches are checked for shape only. Eagerly a failed check raises SmoothMixError; in a
     graph it fails the call with InvalidArgumentError. ``validate_args=False`` skips the checks.
     Returns the batch (float32 or uint8 kept, any other dtype cast to float32) with the static
@@ -143,6 +154,8 @@ def validate_images(images: Any, image_shape: Sequence[int | None] | None = None
         images = tf.cast(images, tf.float32)
     if validate_args:
         checks = _shape_checks(images, image_shape, images.dtype.name)
+        if max_batch is not None:
+            checks.append(_batch_limit(images, int(max_batch)))
         if images.dtype.is_floating:
             checks += _pixel_checks(images, range_hint)
         images = _apply(images, checks)

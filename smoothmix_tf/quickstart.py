@@ -8,11 +8,10 @@ folder with the full configuration.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
-from smoothmix_tf import analysis, datasets
+from smoothmix_tf import analysis, datasets, ownership
 from smoothmix_tf._checks import fail
 from smoothmix_tf.atomic import atomic_write_text
 from smoothmix_tf.certify import Smooth
@@ -46,11 +45,21 @@ def run_quickstart(out: str | Path = "runs/quickstart", method: str = "smoothmix
                    sigma: float = 0.5, epochs: int | None = None, certify_max: int = 100,
                    n: int = 10_000, seed: int = 0, overwrite: bool = False) -> dict:
     """Train (or resume), certify, write the report; returns {"acr", "table", "plot", "run",
-    "resumed", "certified_inputs", "n", "total_seconds"} (the CLI prints them)."""
+    "resumed", "certified_inputs", "n", "total_seconds"} (the CLI prints them).
+
+    An existing ``out`` is resumed; ``overwrite`` starts again, deleting ``out`` only if smoothmix
+    wrote it (ownership marker) and it is neither the working directory nor one of its parents.
+    """
     out = Path(out)
     config = quick_config(method, sigma, epochs, seed)
     if out.exists() and overwrite:
-        shutil.rmtree(out)
+        ownership.check_removable(out)  # only a folder smoothmix wrote; never . or a parent
+    elif out.is_dir() and any(p.name != ownership.FOLDER_LOCK for p in out.iterdir()) \
+            and ownership.read_marker(out) is None:
+        raise fail(f"{out} holds files that smoothmix did not write",
+                   "Choose another --out folder (quickstart writes a run folder of its own).")
+    if out.exists() and overwrite:
+        ownership.remove_owned_folder(out)
     resume = (out / "checkpoint.keras").exists()
     started = time.time()
     model = train(config, out, resume=resume, verbose=1)

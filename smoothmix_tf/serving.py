@@ -58,6 +58,7 @@ import tensorflow as tf
 
 from smoothmix_tf._checks import check_int_at_least, fail
 from smoothmix_tf.atomic import atomic_write_folder
+from smoothmix_tf.choices import DEFAULT_MAX_BATCH
 from smoothmix_tf.certify import (Smooth, _check_certify_settings, _check_predict_settings,
                                   _check_seed)
 from smoothmix_tf.images import received_shape, validate_images
@@ -117,7 +118,7 @@ class SmoothServingModule(tf.Module):
     """
 
     def __init__(self, smooth: Smooth, n0: int, n: int, alpha: float, batch_size: int,
-                 seed: int, parallel_images: int = 1):
+                 seed: int, parallel_images: int = 1, max_batch: int = DEFAULT_MAX_BATCH):
         super().__init__(name="smoothmix_serving")
         if smooth.image_shape is None:
             raise fail("the base network has no static input shape",
@@ -129,6 +130,7 @@ class SmoothServingModule(tf.Module):
                          "batch_size": int(batch_size)}
         self.default_seed = int(seed)
         self.parallel_images = int(parallel_images)
+        self.max_batch = int(max_batch)
         # Track the variables the graph reads (the deployed network: a reduced-precision copy
         # when Smooth was built with inference_dtype).
         self.network_variables = [getattr(v, "value", v) for v in smooth.network.variables]
@@ -190,7 +192,8 @@ class SmoothServingModule(tf.Module):
     # -- signatures -----------------------------------------------------------------------------
     def _as_float(self, images: tf.Tensor, uint8: bool) -> tf.Tensor:
         """The request's images checked (shape; float pixels finite and in [0, 1]) as float32."""
-        images = validate_images(images, self.image_shape, range_hint=_REQUEST_RANGE_HINT)
+        images = validate_images(images, self.image_shape, range_hint=_REQUEST_RANGE_HINT,
+                                 max_batch=self.max_batch)
         return tf.cast(images, tf.float32) / 255.0 if uint8 else images
 
     def _default_seeds(self, images: tf.Tensor) -> tf.Tensor:
@@ -284,13 +287,19 @@ def export_metadata(module: SmoothServingModule, run_config: dict | None,
 
     from smoothmix_tf import __version__
 
+    from smoothmix_tf.ownership import settings_hash
+
     smooth, settings = module.smooth, module.settings
+    written = {**settings, "sigma": smooth.sigma, "default_seed": module.default_seed,
+               "max_batch": module.max_batch, "inference_dtype": smooth.inference_dtype,
+               "checkpoint": source}
     return {
         "format": "smoothmix-tf serving export", "format_version": FORMAT_VERSION,
+        "command": "export", "settings_hash": settings_hash(written),
         "certificate": CERTIFICATE_MEANING,
         "sigma": smooth.sigma, "n0": settings["n0"], "n": settings["n"],
         "alpha": settings["alpha"], "noise_batch_size": settings["batch_size"],
-        "default_seed": module.default_seed,
+        "default_seed": module.default_seed, "max_batch": module.max_batch,
         "max_certifiable_radius": max_certifiable_radius(smooth.sigma, settings["n"],
                                                          settings["alpha"]),
         "num_classes": smooth.num_classes, "image_shape": list(module.image_shape),
@@ -348,20 +357,27 @@ def _check_version_path(path: Path, overwrite: bool) -> None:
         raise fail(f"{path} already holds version {path.name} (TF Serving may be serving it)",
                    f"Export to the next version {next_version_path(path.parent)}, or pass "
                    f"overwrite=True (--overwrite) to replace it.")
+    if path.exists() and not (path / "assets" / METADATA_FILE).is_file():
+        raise fail(f"refusing to replace {path}: it is not a smoothmix export (no "
+                   f"assets/{METADATA_FILE})",
+                   f"Export to a new version {next_version_path(path.parent)}, or delete the "
+                   "folder yourself if you are sure.")
 
 
 def export(smooth: Smooth, path: str | Path, n0: int = 100, n: int = 100_000,
            alpha: float = 0.001, batch_size: int = 1000, *, seed: int = 0,
            run_config: dict | None = None, source: str | None = None, overwrite: bool = False,
-           parallel_images: int = 1) -> Path:
+           parallel_images: int = 1, max_batch: int = DEFAULT_MAX_BATCH) -> Path:
     """Write ``smooth`` with PREDICT and CERTIFY as a TF Serving SavedModel at ``path``.
 
     ``path`` is ``MODEL_BASE/VERSION`` (VERSION a number). n0, n, alpha (CERTIFY's failure
     probability) and batch_size (noise samples per network call) are fixed in the graph; ``seed``
     is the seed of the signatures without a ``seed`` input. ``run_config`` (the training run's
     config) and ``source`` (checkpoint path) are recorded in ``assets/smoothmix.json``.
-    ``parallel_images`` images of a request may be processed at once (results unchanged).
-    Refuses an existing version unless ``overwrite``; writes atomically. Returns ``path``.
+    ``parallel_images`` images of a request may be processed at once (results unchanged); a
+    request of more than ``max_batch`` images is refused (INVALID_ARGUMENT). Refuses an existing
+    version unless ``overwrite`` (and then only a smoothmix export); writes atomically, folders
+    0755 and files 0644. Returns ``path``.
     """
     if not isinstance(smooth, Smooth):
         raise fail(f"export needs a smoothmix_tf.Smooth, got {type(smooth).__name__}",
@@ -370,12 +386,14 @@ def export(smooth: Smooth, path: str | Path, n0: int = 100, n: int = 100_000,
     _check_predict_settings(n, alpha, batch_size)
     seed = _check_seed(seed)
     check_int_at_least("parallel_images", parallel_images, 1)
+    check_int_at_least("max_batch", max_batch, 1, "Pass --max-batch >= 1 images per request.")
     target = Path(path)
     _check_version_path(target, overwrite)
     if run_config is not None:
         run_config = json.loads(json.dumps(run_config))  # must be JSON (fails early otherwise)
 
-    module = SmoothServingModule(smooth, n0, n, alpha, batch_size, seed, parallel_images)
+    module = SmoothServingModule(smooth, n0, n, alpha, batch_size, seed, parallel_images,
+                                 max_batch)
     signatures = module.signatures()
     metadata = export_metadata(module, run_config, source)
 
@@ -397,7 +415,8 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, n0: int = 10
                            n: int = 100_000, alpha: float = 0.001, batch_size: int = 1000, *,
                            sigma: float | None = None, seed: int = 0,
                            precision: str | None = None, jit_compile: bool = False,
-                           overwrite: bool = False, parallel_images: int = 1) -> Path:
+                           overwrite: bool = False, parallel_images: int = 1,
+                           max_batch: int = DEFAULT_MAX_BATCH) -> Path:
     """Export a training run (folder with checkpoint.keras + config.json) or a .keras file.
 
     σ defaults to the one the run was trained with (required for a bare base network).
@@ -405,6 +424,8 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, n0: int = 10
     """
     path = Path(out)
     _check_version_path(path, overwrite)  # before the (slow) checkpoint load
+    _check_certify_settings(n0, n, alpha, batch_size)
+    _check_seed(seed)
     from smoothmix_tf.training import load_trained
 
     base, trained_sigma, run_config = load_trained(checkpoint)
@@ -416,7 +437,8 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, n0: int = 10
                     inference_dtype=None if precision in (None, "float32") else precision,
                     jit_compile=jit_compile)
     return export(smooth, path, n0, n, alpha, batch_size, seed=seed, run_config=run_config,
-                  source=str(checkpoint), overwrite=overwrite, parallel_images=parallel_images)
+                  source=str(checkpoint), overwrite=overwrite, parallel_images=parallel_images,
+                  max_batch=max_batch)
 
 
 __all__ = ["SmoothServingModule", "check_request_seeds", "existing_versions", "export",

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
+import types
+import typing
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from smoothmix_tf import architectures, datasets, objectives
+from smoothmix_tf import architectures, datasets, objectives, ownership
 from smoothmix_tf._checks import (check_choice, check_int_at_least,
                                   check_non_negative, check_positive, fail)
 from smoothmix_tf.atomic import atomic_write_file, atomic_write_text
@@ -28,6 +32,38 @@ from smoothmix_tf.distribute import (STRATEGIES, enable_multiworker_fit, make_st
 from smoothmix_tf.hardware import warn_if_bfloat16_is_emulated
 from smoothmix_tf.model import EpochTracker, SmoothedModel
 from smoothmix_tf.seeds import EPOCH_DATA, derive_seed
+
+
+MAX_TRAIN_SEED = 2 ** 32
+
+
+_TYPE_NAMES = {float: "a number", int: "an integer", bool: "true or false", str: "a string",
+               list: "a list of integers", dict: "a table of objective settings"}
+_TYPE_EXAMPLES = {list: "[30, 60]", dict: '{method = "smoothmix", eta = 5}', bool: "true",
+                  str: '"text"', int: "3", float: "0.5"}
+
+
+def _matches(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _check_field_types(config: "TrainConfig") -> None:
+    """Each field has the type of its annotation (``--set lr_decay_epochs=5`` is not a list)."""
+    for name, hint in typing.get_type_hints(type(config)).items():
+        value = getattr(config, name)
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kinds = [typing.get_origin(o) or o for o in (typing.get_args(hint) if union else (hint,))]
+        if (value is None and type(None) in kinds) or any(
+                _matches(value, k) for k in kinds if k is not type(None)):
+            continue
+        kind = next(k for k in kinds if k is not type(None))
+        raise fail(f"configuration field {name} must be {_TYPE_NAMES[kind]}, got {value!r} "
+                   f"({type(value).__name__})",
+                   f"Give it in TOML syntax, e.g. --set {name}={_TYPE_EXAMPLES[kind]}.")
 
 
 @dataclasses.dataclass
@@ -56,6 +92,7 @@ class TrainConfig:
     steps_per_execution: int = 1
 
     def validate(self) -> "TrainConfig":
+        _check_field_types(self)
         check_positive("sigma", self.sigma)
         check_int_at_least("epochs", self.epochs, 1)
         check_int_at_least("batch_size", self.batch_size, 1)
@@ -64,6 +101,9 @@ class TrainConfig:
         check_non_negative("momentum", self.momentum)
         check_non_negative("weight_decay", self.weight_decay)
         check_int_at_least("seed", self.seed, 0)
+        if self.seed >= MAX_TRAIN_SEED:
+            raise fail(f"seed must be < 2**32 = {MAX_TRAIN_SEED}, got {self.seed}",
+                       "Pass a smaller --seed (NumPy's and Keras's global seeds are 32-bit).")
         check_int_at_least("steps_per_execution", self.steps_per_execution, 1,
                            "It is the number of train steps per compiled call (Keras "
                            "compile(steps_per_execution=...)); 1 runs one step per call.")
@@ -213,10 +253,37 @@ def fit_epochs(model: SmoothedModel, config: TrainConfig, initial_epoch: int, fi
     return model
 
 
+class _CrashPoint(keras.callbacks.Callback):
+    """Marks the write point after the history row of an epoch (fault-injection tests)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        ownership.crash_point("history_row")
+
+
 def _save_checkpoint(model: SmoothedModel, run_dir: Path, epochs_done: int) -> None:
-    atomic_write_file(run_dir / "checkpoint.keras", lambda tmp: model.save(tmp), suffix=".keras")
+    def write(tmp: Path) -> None:
+        model.save(tmp)
+        ownership.crash_point("checkpoint")  # saved, not yet renamed into place
+
+    atomic_write_file(run_dir / "checkpoint.keras", write, suffix=".keras")
+    ownership.crash_point("state")
     atomic_write_text(run_dir / "state.json",
                       json.dumps({"epochs_completed": epochs_done, "time": time.time()}, indent=2))
+
+
+def check_checkpoint_file(path: str | Path) -> Path:
+    """A ``.keras`` file must be a complete zip archive (a truncated copy or a crash mid-write
+    otherwise surfaces as Keras's misleading "File not found")."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            broken = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError) as err:
+        broken = str(err) or "unreadable"
+    if broken is not None:
+        raise fail(f"{path} is damaged (not a valid .keras archive: {broken})",
+                   "Re-run the training that wrote it, or restore the file from a backup.")
+    return path
 
 
 def load_checkpoint(run_dir: str | Path) -> SmoothedModel:
@@ -226,7 +293,7 @@ def load_checkpoint(run_dir: str | Path) -> SmoothedModel:
         raise fail(f"no checkpoint at {path}",
                    "Pass the folder of a training run (smoothmix train --out DIR) that completed "
                    "at least one epoch.")
-    return keras.models.load_model(path)
+    return keras.models.load_model(check_checkpoint_file(path))
 
 
 def load_trained(checkpoint: str | Path) -> tuple[keras.Model, float | None, dict | None]:
@@ -239,7 +306,7 @@ def load_trained(checkpoint: str | Path) -> tuple[keras.Model, float | None, dic
         if (path / "config.json").exists():
             run_config = json.loads((path / "config.json").read_text())
     elif path.is_file() and path.suffix == ".keras":
-        model = keras.models.load_model(path)
+        model = keras.models.load_model(check_checkpoint_file(path))
     else:
         raise fail(f"no checkpoint at {path}",
                    "Pass a training run folder (smoothmix train --out DIR) or a .keras file.")
@@ -253,35 +320,111 @@ def completed_epochs(run_dir: Path) -> int:
     return json.loads(state.read_text())["epochs_completed"] if state.exists() else 0
 
 
+def stored_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """The ``config.json`` of a run folder (None when there is none yet)."""
+    path = Path(run_dir) / "config.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# Fields that may differ on resume: ``epochs`` extends (or shortens) a run. The learning-rate
+# decay epochs are absolute, the data order of epoch e depends on (seed, e) and the noise of step k
+# on (seed, k), so a run trained to E epochs and resumed with --epochs E' > E equals a run trained
+# to E' epochs from the start.
+RESUME_MAY_CHANGE = ("epochs",)
+
+
+def check_resume_config(run_dir: Path, config: TrainConfig) -> None:
+    """``resume`` continues the same job: every stored field except ``epochs`` must match."""
+    stored = stored_config(run_dir)
+    if stored is None:
+        return
+    if set(stored) <= {f.name for f in dataclasses.fields(TrainConfig)}:
+        stored = TrainConfig.from_dict(stored).to_dict()  # fields added since: their defaults
+    stored = json.loads(json.dumps(stored))
+    requested = json.loads(json.dumps(config.to_dict()))
+    fields = [f for f in sorted(set(stored) | set(requested)) if f not in RESUME_MAY_CHANGE]
+    ownership.check_same_settings(
+        stored, requested, f"{run_dir / 'config.json'}",
+        "Resume with the same settings (only --epochs may change: a larger value extends the "
+        "run on the same schedule), or start a new --out folder.", fields)
+
+
+def _epochs_in_checkpoint(model: SmoothedModel, steps: int, run_dir: Path) -> int:
+    """Completed epochs = optimizer steps / steps per epoch (read from the checkpoint itself, so
+    a crash between the checkpoint and state.json cannot shift the schedule)."""
+    iterations = int(model.optimizer.iterations.numpy())
+    if iterations % steps:
+        raise fail(f"{run_dir / 'checkpoint.keras'} holds {iterations} optimizer steps, not a "
+                   f"whole number of {steps}-step epochs",
+                   "Resume with the batch size and training data of the original run.")
+    return iterations // steps
+
+
+def _truncate_history(path: Path, epochs: int) -> None:
+    """Keep the header and the complete rows of epochs < ``epochs`` (a row written before a crash
+    that lost its checkpoint is dropped, so resuming never duplicates it)."""
+    if not path.exists():
+        return
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    keep = lines[:1] + [line for line in lines[1:] if line.endswith("\n")
+                        and line.split(",", 1)[0].strip().isdigit()
+                        and int(line.split(",", 1)[0]) < epochs]
+    if epochs == 0:
+        path.unlink()
+    elif "".join(keep) != text:
+        atomic_write_text(path, "".join(keep))
+
+
 def train(config: TrainConfig, out: str | Path, resume: bool = False, verbose: int = 1,
           callbacks: list[keras.callbacks.Callback] | None = None) -> SmoothedModel:
-    """Run (or resume) a training run into ``out``; returns the trained ``SmoothedModel``."""
+    """Run (or resume) a training run into ``out``; returns the trained ``SmoothedModel``.
+
+    The run folder is locked for the whole run (a second writer gets "in use by pid N") and
+    carries an ownership marker. ``resume=True`` continues the same job: the configuration must
+    equal the stored ``config.json`` except ``epochs``, which may grow (the run continues on the
+    same absolute learning-rate schedule; see :data:`RESUME_MAY_CHANGE`) but not drop below the
+    completed epochs. History rows of epochs after the checkpoint's are dropped on resume.
+    """
     config.validate()
     # First TensorFlow call: a multi-worker strategy must exist before any other op runs.
     strategy = make_strategy(config.strategy)
     run_dir = worker_run_dir(out, strategy)  # `out` on the chief, out/worker-K on worker K
-    if (run_dir / "checkpoint.keras").exists() and not resume:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with ownership.hold_lock(run_dir, folder=True):
+        return _train_locked(config, run_dir, strategy, resume, verbose, callbacks)
+
+
+def _train_locked(config: TrainConfig, run_dir: Path, strategy, resume: bool, verbose: int,
+                  callbacks: list[keras.callbacks.Callback] | None) -> SmoothedModel:
+    checkpoint = run_dir / "checkpoint.keras"
+    if checkpoint.exists() and not resume:
         raise fail(f"{run_dir} already holds a training run",
                    "Pass --resume to continue it, or choose another --out folder.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume and (run_dir / "config.json").exists():
-        saved = json.loads((run_dir / "config.json").read_text())
-        if saved != json.loads(json.dumps(config.to_dict())):
-            raise fail(f"the configuration differs from the one saved in {run_dir}/config.json",
-                       "Resume with the same settings (or start a new --out folder).")
+    if resume:
+        check_resume_config(run_dir, config)
+    ownership.write_marker(run_dir, "train", config.to_dict())
     atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2))
 
     steps = steps_per_epoch(config)
-    start = completed_epochs(run_dir) if resume else 0
     with strategy.scope():
-        model = load_checkpoint(run_dir) if start > 0 else build_model(config, steps)
+        if resume and checkpoint.exists():
+            model = load_checkpoint(run_dir)
+            start = _epochs_in_checkpoint(model, steps, run_dir)
+        else:
+            model, start = build_model(config, steps), 0
+    if start > config.epochs:
+        raise fail(f"epochs={config.epochs} is fewer than the {start} epochs already completed "
+                   f"in {run_dir}", f"Pass --epochs {start} or more to continue this run.")
+    if start == config.epochs:
+        print(f"{run_dir}: all {start} epochs are already completed; nothing to train "
+              f"(pass --epochs N > {start} to extend the run)", file=sys.stderr)
     enable_multiworker_fit(model, strategy)  # keras-team/keras#20585; no-op on one worker
     test_ds = shard_by_data(datasets.load(config.dataset, "test", config.batch_size,
                                           shuffle=False, data_dir=config.data_dir,
                                           limit=config.test_limit))
-    if start == 0 and (run_dir / "history.csv").exists():
-        (run_dir / "history.csv").unlink()  # left by a run interrupted in its first epoch
-    logs_cb = [keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+    _truncate_history(run_dir / "history.csv", start)
+    logs_cb = [keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True), _CrashPoint(),
                keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False)]
     if verbose:
         logs_cb.append(EpochProgress(config.epochs, steps))

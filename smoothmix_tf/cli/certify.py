@@ -58,6 +58,10 @@ def add_parser(sub) -> None:
 
 
 def cmd_certify_or_predict(args) -> int:
+    from smoothmix_tf.evaluation import check_certification_request
+
+    check_certification_request(args.out, certify=args.certify, n0=getattr(args, "n0", 100),
+                                n=args.n, alpha=args.alpha, batch_size=args.batch, seed=args.seed)
     from smoothmix_tf import datasets
     from smoothmix_tf.certify import Smooth
     from smoothmix_tf.evaluation import run_certification

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from smoothmix_tf.choices import INFERENCE_DTYPES
+from smoothmix_tf.choices import DEFAULT_MAX_BATCH, INFERENCE_DTYPES
 
 EXPORT_DESCRIPTION = """\
 Export a trained smoothed classifier as a TF Serving SavedModel with CERTIFY and PREDICT
@@ -55,6 +55,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="XLA-compile the sampling loop (GPUs; the server must support XLA)")
     parser.add_argument("--parallel-images", type=int, default=1,
                         help="images of one request processed at once (default 1)")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                        help="most images per request; larger requests get INVALID_ARGUMENT "
+                             f"(each image costs n0 + n network calls; default {DEFAULT_MAX_BATCH})")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing version (TF Serving does not reload a version "
                              "it already serves: prefer a new version number)")
@@ -69,7 +72,8 @@ def run_export_command(args: argparse.Namespace) -> int:
                                   alpha=args.alpha, batch_size=args.batch, sigma=args.sigma,
                                   seed=args.seed, precision=args.precision,
                                   jit_compile=args.jit_compile, overwrite=args.overwrite,
-                                  parallel_images=args.parallel_images)
+                                  parallel_images=args.parallel_images,
+                                  max_batch=args.max_batch)
     meta = read_metadata(path)
     print(f"exported {path} (σ={meta['sigma']}, n0={meta['n0']}, n={meta['n']}, "
           f"alpha={meta['alpha']}; radii up to {meta['max_certifiable_radius']:.3f})")

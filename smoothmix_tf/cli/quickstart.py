@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--certify-max", type=int, default=100, help="test images to certify (default 100)")
     p.add_argument("--n", type=int, default=10_000, help="CERTIFY estimation samples (default 10,000)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--overwrite", action="store_true", help="start again if --out exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again if --out exists (deletes it only if smoothmix wrote it)")
     p.set_defaults(func=cmd_quickstart)
 
 

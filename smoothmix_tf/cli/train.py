@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from smoothmix_tf._checks import fail
@@ -29,7 +28,10 @@ def add_parser(sub) -> None:
     p.add_argument("--preset-file", help="path of a preset TOML (e.g. written by `smoothmix tune`)")
     p.add_argument("--out", help="run folder (required unless --list-presets)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last completed epoch (bit for bit)")
+                   help="continue the run in --out from its last completed epoch (bit for bit); "
+                        "flags given must match its config.json (a mismatch is an error listing "
+                        "the fields), except --epochs: a larger value extends the run on the same "
+                        "schedule (lr_decay_epochs are absolute)")
     p.add_argument("--dataset", help="mnist5k | mnist | cifar10 | imagenet2012 | npz:PATH")
     p.add_argument("--data-dir", help="TensorFlow Datasets data_dir with prepared data")
     p.add_argument("--architecture", help="lenet | cifar_resnet20 | cifar_resnet110 | resnet50")
@@ -56,11 +58,11 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
-def train_config_from_args(args) -> "object":
+def train_config_from_args(args, stored: dict | None = None) -> "object":
     from smoothmix_tf import presets
     from smoothmix_tf.training import TrainConfig
 
-    values: dict = {}
+    values: dict = dict(stored or {})  # --resume: the flags given change the stored config
     if args.preset and args.preset_file:
         raise fail("--preset and --preset-file were both given", "Pass only one of them.")
     if args.preset:
@@ -99,11 +101,7 @@ def cmd_train(args) -> int:
     from smoothmix_tf import training
 
     out = Path(args.out)
-    if args.resume and not (args.preset or args.preset_file) and (out / "config.json").exists():
-        saved = json.loads((out / "config.json").read_text())
-        config = training.TrainConfig.from_dict(saved).validate()
-    else:
-        config = train_config_from_args(args)
+    config = train_config_from_args(args, training.stored_config(out) if args.resume else None)
     print(f"training {config.objective} on {config.dataset}, σ={config.sigma} -> {out}")
     model = training.train(config, out, resume=args.resume, verbose=0 if args.quiet else 1)
     from smoothmix_tf.distribute import worker_run_dir

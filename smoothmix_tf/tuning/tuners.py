@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
+import contextlib
 import sys
 import warnings
 from collections.abc import Sequence
@@ -21,7 +21,7 @@ from typing import Any
 import keras
 import keras_tuner
 
-from smoothmix_tf import _compat, atomic, training
+from smoothmix_tf import _compat, atomic, ownership, training
 from smoothmix_tf._checks import check_choice, check_int_at_least, fail
 from smoothmix_tf.choices import TUNERS
 from smoothmix_tf.seeds import TUNER, derive_seed
@@ -224,6 +224,10 @@ def run_search(settings: TuneSettings,
                callbacks: Sequence[keras.callbacks.Callback] | None = None) -> SearchReport:
     """Run (or resume) the search; on a single process or the chief also write the reports.
 
+    The chief holds the directory's lock for the whole search (a second ``smoothmix tune`` on the
+    same directory stops with "in use by pid N"), marks the folder as written by ``smoothmix
+    tune``, and ``overwrite`` empties only a folder carrying that mark.
+
     ``callbacks`` are extra Keras callbacks (deep-copied per trial by KerasTuner; they see one
     ``fit`` call per epoch). Raises SmoothMixError on bad settings; a trial's error is printed and
     recorded, and the search goes on until ``max_consecutive_failed_trials`` fail in a row (then
@@ -232,10 +236,18 @@ def run_search(settings: TuneSettings,
     settings.validate()
     check_dependencies(settings.tuner)
     role = tuner_role()
-    if role != "worker":  # --overwrite acts on the chief only (never on a shared folder's workers)
-        if settings.overwrite and settings.project_dir.exists():
-            shutil.rmtree(settings.project_dir)
-        record_settings(settings)
+    with contextlib.ExitStack() as stack:
+        if role != "worker":  # the chief (or single process) owns the folder; workers share it
+            stack.enter_context(ownership.hold_lock(settings.project_dir, folder=True))
+            if settings.overwrite and settings.project_dir.exists():
+                ownership.remove_owned_folder(settings.project_dir, already_locked=True)
+            record_settings(settings)
+            ownership.write_marker(settings.project_dir, "tune", settings.to_dict())
+        return _search(settings, role, callbacks)
+
+
+def _search(settings: TuneSettings, role: str,
+            callbacks: Sequence[keras.callbacks.Callback] | None) -> SearchReport:
     tensorboard_dir = settings.project_dir / "tensorboard" if settings.tensorboard else None
     hypermodel = SmoothMixHyperModel(settings.base, settings.space, settings.certification,
                                      tensorboard_dir=tensorboard_dir)
