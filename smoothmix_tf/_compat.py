@@ -48,6 +48,32 @@ def _require_method(obj: Any, name: str, package: str) -> None:
 
 
 # -- Keras ----------------------------------------------------------------------------------------
+def follow_fit_epochs(history: Any, on_epoch_begin: Callable[[int], None]) -> bool:
+    """Make ``on_epoch_begin(epoch)`` run at the start of every epoch of the ``fit`` that owns
+    ``history``; True when it is set up.
+
+    Keras tells only callbacks which epoch ``fit`` runs, and a model cannot add a callback without
+    overriding ``fit``. But every ``fit`` hands the model its ``History`` callback
+    (``CallbackList.set_model`` sets ``model.history`` before the train function is built) and
+    calls that callback's ``on_epoch_begin(epoch)``. Wrapping that one instance's method lets
+    ``SmoothedModel`` follow the epoch for its warm-ups with no ``fit`` override and no callback
+    for the user to remember. Anything else handed in (``None``, another object) is left alone.
+    """
+    if not isinstance(history, keras.callbacks.History):
+        return False
+    if getattr(history, "_smoothmix_follows_epochs", False):
+        return True
+    original = history.on_epoch_begin
+
+    def on_epoch_begin_and_follow(epoch, logs=None):
+        on_epoch_begin(epoch)
+        return original(epoch, logs)
+
+    history.on_epoch_begin = on_epoch_begin_and_follow
+    history._smoothmix_follows_epochs = True
+    return True
+
+
 def functional_model_class() -> type:
     """``keras.src.models.functional.Functional``: the class of ``keras.Model(inputs, outputs)``.
 

@@ -1,7 +1,6 @@
 """SmoothedModel: a Keras model that trains a base classifier f with a randomized-smoothing objective.
 
-``model.compile(optimizer=...); model.fit(train_ds, validation_data=test_ds,
-callbacks=[EpochTracker()])`` runs the objective's ``draw -> loss -> gradients -> apply`` in
+``model.compile(optimizer=...); model.fit(train_ds, validation_data=test_ds)`` runs the objective's ``draw -> loss -> gradients -> apply`` in
 ``train_step`` (inside ``tf.function``, optionally XLA). The base network sees [0,1] pixels; the
 noise δ ~ N(0, σ²I) is added in that space (paper eq. 2 and 4; ``docs/method.md``).
 
@@ -17,9 +16,11 @@ noise δ ~ N(0, σ²I) is added in that space (paper eq. 2 and 4; ``docs/method.
   cross-entropy of f under one noise draw per image) and ``noisy_accuracy`` in ``evaluate``, so
   Keras' stock callbacks work with their default ``monitor="val_loss"``.
 - ``epoch`` (0-based) is a model variable read by the warm-up schedules (SmoothMix's η and the
-  SmoothAdv ε warm-up, MACER's deferred λ). Keras tells only callbacks which epoch it runs, so
-  :class:`EpochTracker` sets it at the start of every epoch; training an objective that reads the
-  epoch without it fails with a clear error instead of silently keeping epoch 0.
+  SmoothAdv ε warm-up, MACER's deferred λ). Keras tells only callbacks which epoch it runs; every
+  ``fit`` hands the model its ``History`` callback, and the model follows the epoch through it
+  (``_compat.follow_fit_epochs``), so a plain ``fit`` just works. :class:`EpochTracker` does the
+  same explicitly; if neither is in place, an objective that reads the epoch fails with a clear
+  error instead of silently keeping epoch 0.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from smoothmix_tf import _compat
 from smoothmix_tf import noise as noise_lib
 from smoothmix_tf._checks import check_int_at_least, check_non_negative, check_positive, fail
 from smoothmix_tf.seeds import EVAL_NOISE, MODEL_NOISE, TRAIN_NOISE, derive_seed
@@ -37,8 +39,9 @@ from smoothmix_tf.objectives import Gaussian, Objective
 
 class EpochTracker(keras.callbacks.Callback):
     """Keeps ``SmoothedModel.epoch`` equal to the epoch Keras is running (0-based, absolute: with
-    ``fit(..., initial_epoch=k)`` the first epoch is k). Pass it to ``fit`` whenever the objective
-    has a warm-up (``objective.uses_epoch``); it is harmless otherwise."""
+    ``fit(..., initial_epoch=k)`` the first epoch is k). A plain ``fit`` already follows the epoch
+    through its ``History`` (module docstring); this callback does it explicitly, e.g. for a
+    training loop that calls ``train_step`` itself. Harmless together with the automatic path."""
 
     def set_model(self, model):  # Keras attaches the callbacks before it builds the train function
         super().set_model(model)
@@ -98,6 +101,18 @@ class SmoothedModel(keras.Model):
         ctx = tf.distribute.get_replica_context()
         replica = ctx.replica_id_in_sync_group if ctx is not None else 0
         return tf.random.experimental.stateless_fold_in(seed, tf.cast(replica, tf.int32))
+
+    # -- the epoch of fit (warm-ups) -------------------------------------------------------------
+    @property
+    def history(self) -> keras.callbacks.History | None:
+        """The ``History`` of the latest ``fit`` (as on every Keras model)."""
+        return self.__dict__.get("_fit_history")
+
+    @history.setter
+    def history(self, value: keras.callbacks.History | None) -> None:
+        self.__dict__["_fit_history"] = value
+        if _compat.follow_fit_epochs(value, lambda epoch: self.epoch.assign(float(epoch))):
+            self.epoch_tracker_attached = True
 
     # -- metrics ----------------------------------------------------------------------------
     @property

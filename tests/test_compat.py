@@ -87,3 +87,31 @@ def test_hyperband_builds_promoted_trials_through_the_hook(monkeypatch):
         warnings.simplefilter("error")
         assert SmoothMixHyperband._build_hypermodel(tuner, "hp") == "model"
     assert built == ["hp"]
+
+
+def test_fit_hands_the_model_its_history_and_calls_its_epoch_begin():
+    """follow_fit_epochs relies on fit setting ``model.history`` to its History callback before
+    the first epoch and calling that callback's ``on_epoch_begin(epoch)``."""
+    seen = []
+
+    class Watcher(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+        def __setattr__(self, name, value):
+            if name == "history":
+                _compat.follow_fit_epochs(value, seen.append)
+            super().__setattr__(name, value)
+
+    model = Watcher()
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.zeros((4, 3), np.float32), np.zeros((4, 2), np.float32)
+    model.fit(x, y, epochs=4, initial_epoch=1, verbose=0)
+    assert seen == [1, 2, 3], (f"keras {keras.__version__}: fit no longer hands the model a "
+                               "History whose on_epoch_begin sees every epoch, so "
+                               "SmoothedModel's warm-ups need smoothmix_tf.EpochTracker")
+    assert not _compat.follow_fit_epochs(None, seen.append)

@@ -34,8 +34,7 @@ def test_fit_lowers_loss_and_raises_noisy_accuracy():
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
     before = model.evaluate(ds, verbose=0, return_dict=True)
-    hist = model.fit(ds, epochs=6, verbose=0, validation_data=ds,
-                     callbacks=[EpochTracker()]).history
+    hist = model.fit(ds, epochs=6, verbose=0, validation_data=ds).history
     after = model.evaluate(ds, verbose=0, return_dict=True)
     assert hist["loss"][-1] < 0.5 * hist["loss"][0]
     assert after["noisy_accuracy"] > before["noisy_accuracy"]
@@ -60,17 +59,28 @@ def test_objective_declares_exactly_the_metrics_it_logs(name):
                                                  if "noisy_accuracy" not in logs else [])]
 
 
-def test_warmup_objective_without_epoch_tracker_is_a_clear_error():
+def test_warmup_objective_follows_the_epoch_of_a_plain_fit(monkeypatch):
+    """A plain ``fit`` (no callbacks) moves ``model.epoch`` for the warm-ups; without any way to
+    follow the epoch (simulated: Keras no longer hands the model its History) it is a clear error,
+    and EpochTracker remains an explicit way."""
     x, y = toy_data(8)
     model = SmoothedModel(tiny_base(), sigma=0.25, objective=SmoothMix(noise_samples=1,
                                                                        attack_steps=1))
     model.compile(optimizer=keras.optimizers.SGD(0.01))
+    model.fit(x, y, batch_size=8, epochs=3, verbose=0)
+    assert float(model.epoch) == 2.0
+    model.fit(x, y, batch_size=8, epochs=5, initial_epoch=3, verbose=0)
+    assert float(model.epoch) == 4.0
+    monkeypatch.setattr("smoothmix_tf._compat.follow_fit_epochs", lambda history, begin: False)
+    fresh = SmoothedModel(tiny_base(), sigma=0.25, objective=SmoothMix(noise_samples=1,
+                                                                       attack_steps=1))
+    fresh.compile(optimizer=keras.optimizers.SGD(0.01))
     with pytest.raises(SmoothMixError, match="EpochTracker"):
-        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[EpochTracker()])
-    assert float(model.epoch) == 1.0
+        fresh.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    fresh.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[EpochTracker()])
+    assert float(fresh.epoch) == 1.0
     with pytest.raises(SmoothMixError, match="EpochTracker"):  # every fit is checked
-        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        fresh.fit(x, y, batch_size=8, epochs=1, verbose=0)
 
 
 def _plateau_model():
