@@ -43,16 +43,25 @@ def register_keras_classes() -> None:
     importlib.import_module("smoothmix_tf.model")
 
 
+def _library_import_in_progress() -> bool:
+    """Whether a module of this package is being executed (``from smoothmix_tf import noise``
+    inside the library also lands in ``__getattr__``; registering then would import circularly)."""
+    return any(getattr(getattr(module, "__spec__", None), "_initializing", True)
+               for name, module in list(sys.modules.items())
+               if name.startswith("smoothmix_tf.") and module is not None)
+
+
 def __getattr__(name: str):
     if name in _MODULES:
-        module = importlib.import_module(f"smoothmix_tf.{name}")
+        value = importlib.import_module(f"smoothmix_tf.{name}")
     elif name in _NAMES:
-        module = getattr(importlib.import_module(_NAMES[name]), name)
+        value = getattr(importlib.import_module(_NAMES[name]), name)
     else:
         raise AttributeError(f"module 'smoothmix_tf' has no attribute {name!r}")
-    register_keras_classes()
-    globals()[name] = module
-    return module
+    if not _library_import_in_progress():
+        register_keras_classes()
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:
