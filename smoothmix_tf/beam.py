@@ -269,8 +269,11 @@ class _CountRange(beam.DoFn):
         counts = self.smooth.count_range(image[None], stage, start, stop, stride=total,
                                          batch_size=self.settings.batch_size,
                                          seed=input_seed(self.settings.seed, index))[0]
+        seconds = time.perf_counter() - began
         self.samples.inc(stop - start)
-        yield (index, label), (stage, counts, time.perf_counter() - began)
+        LOG.debug("input %d %s [%d, %d): %.2f s (process %d)", index, stage, start, stop, seconds,
+                  os.getpid())
+        yield (index, label), (stage, counts, seconds)
 
 
 class _SumVotes(beam.CombineFn):
