@@ -131,6 +131,21 @@ def certificate(guess: Any, count: Any, n: Any, alpha: Any, sigma: float) -> dic
             "radius": tf.cast(radius, tf.float32), "p_lower": p_lower}
 
 
+def prediction(counts: Any, alpha: Any) -> dict[str, tf.Tensor]:
+    """PREDICT's last steps from its votes ``counts`` ``[B, C]``: with n_A, n_B the top two counts
+    (ties: the lower class first), class c_A unless the two-sided binomial test of n_A out of
+    n_A + n_B at ½ has p-value > alpha (then −1, abstain). Returns ``classes`` int64,
+    ``top_count``, ``runner_up_count`` and ``p_value`` (float64). The in-process and the sharded
+    PREDICT both end here."""
+    top_counts, top_classes = tf.math.top_k(counts, k=2)  # ties: the lower class index first
+    top_count, runner_up_count = top_counts[:, 0], top_counts[:, 1]
+    p_value = binomial_test_two_sided(top_count, top_count + runner_up_count, 0.5)
+    classes = tf.where(p_value > alpha, tf.constant(ABSTAIN, tf.int64),
+                       tf.cast(top_classes[:, 0], tf.int64))
+    return {"classes": classes, "top_count": top_count, "runner_up_count": runner_up_count,
+            "p_value": p_value}
+
+
 def _binomial_cdf(m: tf.Tensor, n: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
     """P[X ≤ m] for X ~ Bin(n, p) (float64): I_{1−p}(n − m, m + 1)."""
     inside = (m >= 0.0) & (m < n)
@@ -333,13 +348,7 @@ class Smooth:
         _check_predict_settings(n, alpha, batch_size)
         images = self.validate_images_graph(images)
         counts = self.sample_counts(images, n, _stream_seed(seed, _PREDICTION), batch_size)
-        top_counts, top_classes = tf.math.top_k(counts, k=2)  # ties: the lower class index first
-        top_count, runner_up_count = top_counts[:, 0], top_counts[:, 1]
-        p_value = binomial_test_two_sided(top_count, top_count + runner_up_count, 0.5)
-        classes = tf.where(p_value > alpha, tf.constant(ABSTAIN, tf.int64),
-                           tf.cast(top_classes[:, 0], tf.int64))
-        return {"classes": classes, "top_count": top_count, "runner_up_count": runner_up_count,
-                "p_value": p_value, "counts": counts}
+        return {**prediction(counts, alpha), "counts": counts}
 
     def validate_images_graph(self, images: tf.Tensor) -> tf.Tensor:
         """:func:`smoothmix_tf.images.validate_images` with the network's input shape: rank 4,
@@ -575,4 +584,4 @@ def _check_seed(seed: Any) -> int:
 
 
 __all__ = ["ABSTAIN", "Smooth", "SmoothMixError", "binomial_test_two_sided", "certificate",
-           "clopper_pearson_lower", "reduced_precision_copy"]
+           "clopper_pearson_lower", "prediction", "reduced_precision_copy"]

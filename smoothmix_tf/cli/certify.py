@@ -33,6 +33,14 @@ def _add_smoothing_args(p, certify: bool) -> None:
     p.add_argument("--out", required=True, help="TSV output (idx label predict radius correct time)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted --out file without redoing or duplicating rows")
+    p.add_argument("--runner", choices=["local", "beam"], default="local",
+                   help="local: this process (default); beam: sharded on Apache Beam, same TSV "
+                        "(docs/scale.md; needs pip install 'smoothmix-tf[beam]')")
+    p.add_argument("--beam-option", action="append", default=[], metavar="--NAME=VALUE",
+                   help="with --runner beam: a Beam pipeline option, repeatable, e.g. "
+                        "--beam-option=--runner=FlinkRunner --beam-option=--direct_num_workers=4")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="with --runner beam: noise samples per work unit (default: n)")
 
 
 def add_parser(sub) -> None:
@@ -77,18 +85,32 @@ def cmd_certify_or_predict(args) -> int:
     if dataset is None:
         raise fail("the dataset is unknown for this checkpoint", "Pass --dataset.")
     data_dir = args.data_dir or (config.data_dir if config else None)
-    x, y = datasets.load_arrays(dataset, args.split, data_dir=data_dir)
+    load_arrays = datasets.load_arrays
+    if args.runner == "beam":
+        from smoothmix_tf import beam as sharded  # a clear error when apache-beam is missing
+
+        load_arrays = sharded.load_arrays  # + npz:URL on any Beam filesystem
+    elif args.beam_option or args.chunk is not None:
+        raise fail("--beam-option / --chunk apply to --runner beam", "Add --runner beam.")
+    x, y = load_arrays(dataset, args.split, data_dir=data_dir)
     if args.skip < 1 or (args.max is not None and args.max < 1):
         raise fail(f"--skip {args.skip} / --max {args.max} must be >= 1", "Pass positive values.")
     indices = list(range(0, len(x), args.skip))[: args.max]
     precision = None if args.precision == "float32" else args.precision
     smooth = Smooth(base, num_classes=int(base.output_shape[-1]), sigma=sigma,
                     inference_dtype=precision)
-    run_certification(smooth, x, y, indices, args.out, certify=args.certify,
-                      n0=getattr(args, "n0", 100), n=args.n, alpha=args.alpha,
-                      batch_size=args.batch, seed=args.seed, resume=args.resume,
-                      config={"checkpoint": str(args.checkpoint), "dataset": dataset,
-                              "split": args.split, "skip": args.skip, "max": args.max,
-                              "precision": args.precision})
+    settings = dict(certify=args.certify, n0=getattr(args, "n0", 100), n=args.n, alpha=args.alpha,
+                    batch_size=args.batch, seed=args.seed,
+                    config={"checkpoint": str(args.checkpoint), "dataset": dataset,
+                            "split": args.split, "skip": args.skip, "max": args.max,
+                            "precision": args.precision})
+    if args.runner == "beam":
+        if args.resume:
+            raise fail("--resume applies to --runner local", "Re-run the Beam job: it writes "
+                       "the TSV once, after every input is done (runners retry failed work).")
+        sharded.run_certify_pipeline(smooth, x, y, indices, args.out, checkpoint=args.checkpoint,
+                                     chunk=args.chunk, beam_options=args.beam_option, **settings)
+    else:
+        run_certification(smooth, x, y, indices, args.out, resume=args.resume, **settings)
     print(f"wrote {args.out}")
     return 0
