@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Packaging smoke test: build the wheel, install it (not editable) into a fresh virtual environment
 # and use it from a folder outside the repository, as a user would: list the 58 presets, train one
-# short epoch from a preset, certify one image. Usage: .ci/wheel_smoke.sh [PYTHON] (default python3).
+# short epoch from a preset, certify one image, run a short quickstart. Usage: .ci/wheel_smoke.sh [PYTHON] (default python3).
 set -euo pipefail
 python="${1:-python3}"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -43,3 +43,11 @@ if [ "$rows" -ne 1 ]; then
   exit 1
 fi
 echo "wheel smoke: certified one image"
+
+"$smoothmix" quickstart --out qs --epochs 1 --certify-max 2 --n 200 > qs.log
+rows=$(tail -n +2 qs/certify.tsv | grep -c .)
+if [ "$rows" -ne 2 ] || ! grep -q "ACR = " qs.log; then
+  echo "wheel smoke: quickstart did not certify 2 images and print the ACR" >&2
+  exit 1
+fi
+echo "wheel smoke: quickstart ran (1 epoch, 2 images)"
