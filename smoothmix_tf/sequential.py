@@ -199,7 +199,8 @@ def run_looks(sample_votes: VoteSampler, active: tf.Tensor, looks: tuple[int, ..
 
     _, _, count, samples, p_lower = tf.while_loop(
         lambda k, active, *_: (k < num_looks) & tf.reduce_any(active), body,
-        (tf.constant(0), active, zeros, zeros, tf.zeros_like(active, tf.float64)))
+        (tf.constant(0), active, zeros, zeros, tf.zeros_like(active, tf.float64)),
+        shape_invariants=(tf.TensorShape([]),) + (tf.TensorShape([None]),) * 4)
     return {"count": count, "samples": samples, "p_lower": p_lower}
 
 
