@@ -147,6 +147,11 @@ def summarize(rows: dict, args, last: float) -> dict:
     return summary
 
 
+def fewer(n: int, mean_samples: float) -> str:
+    """N / mean samples as "12.3×" ("no samples" when every image was decided without any)."""
+    return f"{n / mean_samples:.1f}×" if mean_samples > 0 else "no samples"
+
+
 def markdown(results: list[dict], args, machine: str) -> str:
     lines = [f"# Sequential CERTIFY vs CERTIFY (N = {args.n:,}, α = {args.alpha})", "",
              f"MNIST test images from the first, one image per call; {machine} (at the "
@@ -160,7 +165,7 @@ def markdown(results: list[dict], args, machine: str) -> str:
         for r in args.radii:
             a = s[f"at {r:g}"]
             rows.append([f"certify_at r = {r:g}", f"{a['mean_samples']:,.0f}",
-                         f"{args.n / a['mean_samples']:.1f}×",
+                         fewer(args.n, a["mean_samples"]),
                          f"{a['certified']} / {a['certify_certified']}",
                          f"{a['disagreements']}", f"{a['median_seconds']:.2f}",
                          f"{a['wall_clock_ratio']:.1f}×"])
@@ -209,13 +214,13 @@ def main(argv: list[str] | None = None) -> int:
         record = {"settings": {k: v for k, v in vars(args).items()}, "machine": machine,
                   "machine_now": machine_line(), "wall_seconds": time.time() - started,
                   "results": done}
-        analysis.atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=1))
-        analysis.atomic_write_text(out.with_suffix(".md"), markdown(done, args, machine))
+        analysis.atomic_write_text(f"{out}.json", json.dumps(record, indent=1))
+        analysis.atomic_write_text(f"{out}.md", markdown(done, args, machine))
 
     for checkpoint in args.checkpoint:
         results.append(run_checkpoint(checkpoint, x, y, args, max_radius, save))
     save()
-    print(out.with_suffix(".md").read_text())
+    print(Path(f"{out}.md").read_text())
     return 0
 
 
