@@ -20,7 +20,7 @@ from smoothmix_tf.certify import Smooth
 
 CERTIFY_COLUMNS = ["idx", "label", "predict", "radius", "correct", "time"]
 PREDICT_COLUMNS = ["idx", "label", "predict", "correct", "time"]
-SEQUENTIAL_COLUMNS = [*CERTIFY_COLUMNS, "samples"]
+SEQUENTIAL_COLUMNS = list(analysis.SEQUENTIAL_COLUMNS)
 PROCEDURES = ("certify", "sequential")
 
 
@@ -54,6 +54,14 @@ def run_certification(smooth: Smooth, images: np.ndarray, labels: np.ndarray,
                    "Add --sequential (procedure='sequential'), or drop them.")
     sequential = certify and procedure == "sequential"
     max_n = n if max_n is None else max_n
+    if sequential:  # bad settings fail before any file is written
+        from smoothmix_tf import sequential as checks
+
+        checks.check_sequential_settings(n0, max_n, alpha, batch_size, checks.DEFAULT_FIRST_LOOK,
+                                         checks.DEFAULT_GROWTH)
+        checks.check_max_radius(max_radius)
+        if radius is not None:
+            checks.check_radius(radius)
     out = Path(out)
     record = {"certify": certify, "n0": n0 if certify else None, "n": n, "alpha": alpha,
               "batch_size": batch_size, "seed": seed, "sigma": smooth.sigma,

@@ -228,6 +228,15 @@ def check_radius_tolerance(radius_tolerance: float) -> float:
                                     f"Pass e.g. radius_tolerance={DEFAULT_RADIUS_TOLERANCE}."))
 
 
+def check_radius(radius: float) -> float:
+    """One ℓ2 radius: a finite number >= 0."""
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) \
+            or not math.isfinite(radius) or radius < 0:
+        raise fail(f"radius must be finite and >= 0, got {radius!r}",
+                   "Pass an l2 radius >= 0 in [0, 1] pixel units, e.g. radius=0.5.")
+    return float(radius)
+
+
 def check_max_radius(max_radius: float | None) -> float | None:
     if max_radius is None:
         return None
@@ -239,7 +248,7 @@ def check_max_radius(max_radius: float | None) -> float | None:
 
 
 __all__ = ["DEFAULT_FIRST_LOOK", "DEFAULT_GROWTH", "DEFAULT_RADIUS_TOLERANCE", "alpha_schedule",
-           "certify_at_stop", "check_max_radius", "expected_final_lower", "check_radius_tolerance",
-           "check_sequential_settings", "clopper_pearson_upper", "look_schedule",
-           "max_radius_at", "projected_final_lower", "radius_from_lower", "run_looks",
-           "sequential_stop"]
+           "certify_at_stop", "check_max_radius", "check_radius", "check_radius_tolerance",
+           "check_sequential_settings", "clopper_pearson_upper", "expected_final_lower",
+           "look_schedule", "max_radius_at", "projected_final_lower", "radius_from_lower",
+           "run_looks", "sequential_stop"]
