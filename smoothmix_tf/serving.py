@@ -346,7 +346,8 @@ class SmoothServingModule(tf.Module):
     def _sequential_settings(self) -> dict[str, Any]:
         settings = self.settings
         return {"n0": settings["n0"], "max_n": settings["n"], "alpha": settings["alpha"],
-                "batch_size": settings["batch_size"]}
+                "batch_size": settings["batch_size"],
+                "first_look": min(settings["n"], 100)}  # Smooth's default, at most n
 
     def _certify_at_images(self, images: tf.Tensor, seeds: tf.Tensor, radius: tf.Tensor) -> dict:
         images = self.smooth.validate_images_graph(images)
