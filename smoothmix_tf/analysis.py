@@ -36,6 +36,8 @@ from smoothmix_tf.atomic import atomic_write_bytes, atomic_write_text  # noqa: F
 
 CERTIFY_COLUMNS: tuple[str, ...] = ("idx", "label", "predict", "radius", "correct", "time")
 PREDICT_COLUMNS: tuple[str, ...] = ("idx", "label", "predict", "correct", "time")
+# sequential certification (docs/sequential.md): CERTIFY's columns + estimation samples used
+SEQUENTIAL_COLUMNS: tuple[str, ...] = CERTIFY_COLUMNS + ("samples",)
 ABSTAIN = -1
 DEFAULT_RADII: tuple[float, ...] = tuple(0.25 * i for i in range(12))  # Table 2: 0.00 ... 2.75
 RADIUS_FORMAT = ".3"  # Cohen et al.'s certify.py writes "{:.3}".format(radius)
@@ -156,7 +158,7 @@ def _format_int(value: Any) -> str:
 
 
 def _format_field(column: str, value: Any, radius_format: str) -> str:
-    if column in ("idx", "label", "predict", "correct"):
+    if column in ("idx", "label", "predict", "correct", "samples"):
         return _format_int(value)
     if column == "radius":
         return format(float(value), radius_format)
@@ -205,6 +207,7 @@ def _parse_radius(text: str) -> float:
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "idx": _parse_int, "label": _parse_int, "predict": _parse_int,
     "radius": _parse_radius, "correct": _parse_correct, "time": parse_seconds,
+    "samples": _parse_int,
 }
 
 
@@ -249,6 +252,7 @@ def _check_header(line: str, columns: Sequence[str], path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 def load_certification(path: str | Path, *, allow_empty: bool = False) -> CertificationResult:
     """Read a CERTIFY TSV (ours or the reference tools'); rows may cover any subset of a test set.
+    A sequential run's extra ``samples`` column (SEQUENTIAL_COLUMNS) is accepted and not used.
 
     Raises SmoothMixError naming the line on a missing file, a wrong header, a malformed row, an
     inconsistent ``correct`` column or a repeated idx; and on a file without rows unless
@@ -263,13 +267,15 @@ def load_certification(path: str | Path, *, allow_empty: bool = False) -> Certif
     if not lines:
         raise fail(f"{path} is empty (no header)",
                    f"Expected the header {chr(9).join(CERTIFY_COLUMNS)!r} and one row per input.")
-    _check_header(lines[0], CERTIFY_COLUMNS, path)
+    found = tuple(field.strip() for field in lines[0].rstrip("\r\n").split("\t"))
+    columns = SEQUENTIAL_COLUMNS if found == SEQUENTIAL_COLUMNS else CERTIFY_COLUMNS
+    _check_header(lines[0], columns, path)
     rows: list[list[Any]] = []
     first_line_of: dict[int, int] = {}
     for line_number, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
-        row = _parse_row(line, CERTIFY_COLUMNS, line_number, path)
+        row = _parse_row(line, columns, line_number, path)[:len(CERTIFY_COLUMNS)]
         idx, label, predict, _, correct, _ = row
         if correct != int(predict == label):
             raise fail(f"{path}, line {line_number}: correct = {correct} but predict = {predict} "

@@ -472,6 +472,137 @@ class Smooth:
                                   parallel_iterations=self.parallel_iterations)
         return counts
 
+    # -- sequential CERTIFY (docs/sequential.md; statistics in smoothmix_tf.sequential) --------
+    def certify_at(self, images: Any, radius: Any, alpha: float, n0: int = 100,
+                   max_n: int = 100_000, batch_size: int = 1000, seed: int = 0, *,
+                   first_look: int = 100, growth: float = 2.0) -> dict[str, np.ndarray]:
+        """Sequential decision "is ĝ certified at ℓ2 radius r around x?" (docs/sequential.md).
+
+        Selects ĉ_A on n0 selection samples as CERTIFY, then looks at the estimation votes after
+        n_1 = ``first_look``, n_1·growth, …, ``max_n`` samples and stops an image as soon as the
+        anytime-valid lower bound p̲_A clears Φ(r/σ) (certified) or cannot within max_n (an
+        image whose r is beyond what max_n samples can certify draws none). ``radius``: a number
+        or one per image. Guarantee: per image, P[certified while g(x + e) = ĉ_A fails for some
+        ‖e‖₂ < r] ≤ alpha, whatever the stopping time (union of exact Clopper–Pearson bounds over
+        the looks, Σ α_k = alpha). Returns NumPy arrays ``classes`` (ĉ_A when certified, else
+        −1), ``certified`` bool, ``samples`` (estimation samples used), ``p_lower`` float64,
+        ``count`` (votes for ĉ_A), ``guess`` (ĉ_A).
+        """
+        settings = _sequential_settings(n0, max_n, alpha, batch_size, first_look, growth)
+        radii = _check_radii(radius)
+        seed = _check_seed(seed)
+        images = self.check_images(images)
+        if radii.size not in (1, len(images)):
+            raise fail(f"got {radii.size} radii for {len(images)} images",
+                       "Pass one radius, or one per image.")
+        radii = np.broadcast_to(radii, (len(images),)).astype(np.float64)
+        function = self._sequential_function("certify_at", settings)
+        outputs = function(tf.constant(images), tf.constant(seed, tf.int64), tf.constant(radii))
+        return {name: value.numpy() for name, value in outputs.items()}
+
+    def certify_sequential(self, images: Any, alpha: float, n0: int = 100, max_n: int = 100_000,
+                           max_radius: float | None = None, radius_tolerance: float = 0.05,
+                           batch_size: int = 1000, seed: int = 0, *, first_look: int = 100,
+                           growth: float = 2.0) -> dict[str, np.ndarray]:
+        """Sequential CERTIFY: the largest certifiable radius from as few samples as it needs.
+
+        Same selection, looks and anytime-valid bound as :meth:`certify_at`; an image stops at
+        the first look where its radius σ·Φ⁻¹(max_k p̲_k) reaches ``max_radius`` (None = no
+        limit), or where continuing to ``max_n`` is not expected to raise it by more than
+        ``radius_tolerance``·σ (forecast from the upper confidence bound), or at max_n.
+        Guarantee: per image, P[class c ≠ −1 returned while g(x + e) = c fails for some
+        ‖e‖₂ < radius] ≤ alpha, whatever the stopping time. With ``first_look = max_n`` this is
+        CERTIFY with n = max_n exactly (same samples, same bound). Returns ``classes`` (−1
+        abstain), ``radius`` float32, ``samples``, ``p_lower`` float64, ``count``, ``guess``.
+        """
+        from smoothmix_tf import sequential
+
+        settings = _sequential_settings(n0, max_n, alpha, batch_size, first_look, growth)
+        settings["max_radius"] = sequential.check_max_radius(_as_float(max_radius))
+        settings["radius_tolerance"] = sequential.check_radius_tolerance(
+            _as_float(radius_tolerance))
+        seed = _check_seed(seed)
+        images = self.check_images(images)
+        function = self._sequential_function("certify_sequential", settings)
+        outputs = function(tf.constant(images), tf.constant(seed, tf.int64))
+        return {name: value.numpy() for name, value in outputs.items()}
+
+    def certify_at_graph(self, images: tf.Tensor, seed: tf.Tensor, radius: tf.Tensor, n0: int,
+                         max_n: int, alpha: float, batch_size: int, first_look: int = 100,
+                         growth: float = 2.0) -> dict[str, tf.Tensor]:
+        """:meth:`certify_at` in TF ops: radius float ``[B]`` (or scalar), finite and ≥ 0
+        (InvalidArgumentError otherwise); the settings are Python constants baked in."""
+        from smoothmix_tf import sequential
+
+        looks = sequential.check_sequential_settings(n0, max_n, alpha, batch_size, first_look,
+                                                     growth)
+        alphas = sequential.alpha_schedule(alpha, len(looks))
+        images = self.validate_images_graph(images)
+        radius = tf.broadcast_to(_validate_radius_graph(radius),
+                                 tf.shape(images, out_type=tf.int64)[:1])
+        threshold = 0.5 * tf.math.erfc(-radius / (self.sigma * math.sqrt(2.0)))  # Φ(r/σ)
+        guess, sample_votes = self._sequential_sampler(images, seed, n0, max_n, batch_size)
+        reachable = clopper_pearson_lower(max_n, max_n, alphas[-1]) >= threshold
+        found = sequential.run_looks(sample_votes, reachable, looks, alphas,
+                                     sequential.certify_at_stop(threshold, max_n, alphas[-1]))
+        certified = reachable & (found["p_lower"] >= threshold)
+        return {"classes": tf.where(certified, guess, tf.constant(ABSTAIN, tf.int64)),
+                "certified": certified, "samples": found["samples"],
+                "p_lower": found["p_lower"], "count": found["count"], "guess": guess}
+
+    def certify_sequential_graph(self, images: tf.Tensor, seed: tf.Tensor, n0: int, max_n: int,
+                                 alpha: float, batch_size: int, max_radius: float | None = None,
+                                 radius_tolerance: float = 0.05, first_look: int = 100,
+                                 growth: float = 2.0) -> dict[str, tf.Tensor]:
+        """:meth:`certify_sequential` in TF ops (settings baked in as Python constants)."""
+        from smoothmix_tf import sequential
+
+        looks = sequential.check_sequential_settings(n0, max_n, alpha, batch_size, first_look,
+                                                     growth)
+        alphas = sequential.alpha_schedule(alpha, len(looks))
+        images = self.validate_images_graph(images)
+        guess, sample_votes = self._sequential_sampler(images, seed, n0, max_n, batch_size)
+        rule = sequential.sequential_stop(self.sigma, max_n, alphas[-1], max_radius,
+                                          radius_tolerance)
+        found = sequential.run_looks(sample_votes, tf.ones_like(guess, tf.bool), looks, alphas,
+                                     rule)
+        radius = sequential.radius_from_lower(found["p_lower"], self.sigma)
+        abstain = found["p_lower"] < 0.5
+        return {"classes": tf.where(abstain, tf.constant(ABSTAIN, tf.int64), guess),
+                "radius": tf.cast(radius, tf.float32), "samples": found["samples"],
+                "p_lower": found["p_lower"], "count": found["count"], "guess": guess}
+
+    def _sequential_sampler(self, images: tf.Tensor, seed: tf.Tensor, n0: int, max_n: int,
+                            batch_size: int) -> tuple[tf.Tensor, Any]:
+        """ĉ_A from CERTIFY's n0 selection samples, and the vote sampler of the looks: votes for
+        ĉ_A on estimation samples [start_i, stop_i), addressed i·max_n + j (CERTIFY's with
+        n = max_n)."""
+        counts0 = self.sample_counts(images, n0, _stream_seed(seed, _SELECTION), batch_size)
+        guess = tf.argmax(counts0, axis=1, output_type=tf.int64)
+        estimation = _stream_seed(seed, _ESTIMATION)
+
+        def sample_votes(start: tf.Tensor, stop: tf.Tensor) -> tf.Tensor:
+            counts = self.sample_range_counts(images, estimation, start, stop, max_n, batch_size)
+            return tf.gather(counts, guess, axis=1, batch_dims=1)
+        return guess, sample_votes
+
+    def _sequential_function(self, kind: str, settings: dict[str, Any]):
+        """One cached ``tf.function`` per (procedure, settings); the radius of certify_at is an
+        input (no retrace per radius)."""
+        key = (kind, *sorted(settings.items()))
+        if key not in self._functions:
+            specs = [tf.TensorSpec([None, *(self.image_shape or (None, None, None))], tf.float32),
+                     tf.TensorSpec([], tf.int64)]
+            if kind == "certify_at":
+                def run(images, seed, radius):
+                    return self.certify_at_graph(images, seed, radius, **settings)
+                specs.append(tf.TensorSpec([None], tf.float64))
+            else:
+                def run(images, seed):
+                    return self.certify_sequential_graph(images, seed, **settings)
+            self._functions[key] = tf.function(run, autograph=False, input_signature=specs)
+        return self._functions[key]
+
     # -- helpers --------------------------------------------------------------------------------
     def _votes(self, noisy_images: tf.Tensor) -> tf.Tensor:
         """One-hot votes of f = argmax of the (possibly reduced-precision) network ``[b, C]``."""
@@ -581,6 +712,42 @@ def _check_seed(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
         raise fail(f"seed must be an integer in [0, 2**63), got {seed!r}", "Pass e.g. seed=0.")
     return seed
+
+
+def _sequential_settings(n0: int, max_n: int, alpha: float, batch_size: int, first_look: int,
+                         growth: float) -> dict[str, Any]:
+    """Checked settings of certify_at / certify_sequential (Python numbers, for the cache key)."""
+    from smoothmix_tf import sequential
+
+    settings = {"n0": _as_int(n0), "max_n": _as_int(max_n), "alpha": _as_float(alpha),
+                "batch_size": _as_int(batch_size), "first_look": _as_int(first_look),
+                "growth": _as_float(growth)}
+    sequential.check_sequential_settings(**settings)
+    return settings
+
+
+def _check_radii(radius: Any) -> np.ndarray:
+    """A radius (or one per image) as a float64 vector; each finite and >= 0."""
+    try:
+        radii = np.asarray(radius, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise fail(f"radius must be a number or a vector of numbers, got {radius!r}",
+                   "Pass an l2 radius >= 0 in [0, 1] pixel units, e.g. radius=0.5.") from None
+    if radii.size == 0 or not np.all(np.isfinite(radii)) or np.any(radii < 0):
+        raise fail(f"radius must be finite and >= 0, got {radius!r}",
+                   "Pass an l2 radius >= 0 in [0, 1] pixel units, e.g. radius=0.5.")
+    return radii
+
+
+def _validate_radius_graph(radius: Any) -> tf.Tensor:
+    """In-graph: radius finite and >= 0 (InvalidArgumentError naming the fix), float64."""
+    radius = tf.cast(radius, tf.float64)
+    check = tf.debugging.Assert(
+        tf.reduce_all(tf.math.is_finite(radius) & (radius >= 0.0)),
+        ["radius must be finite and >= 0 (an l2 radius in [0, 1] pixel units); got", radius],
+        summarize=8)
+    with tf.control_dependencies([check]):
+        return tf.identity(radius)
 
 
 __all__ = ["ABSTAIN", "Smooth", "SmoothMixError", "binomial_test_two_sided", "certificate",

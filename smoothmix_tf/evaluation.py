@@ -23,13 +23,15 @@ from smoothmix_tf.seeds import CERTIFY_INPUT, derive_seed
 
 CERTIFY_COLUMNS = ["idx", "label", "predict", "radius", "correct", "time"]
 PREDICT_COLUMNS = ["idx", "label", "predict", "correct", "time"]
+SEQUENTIAL_COLUMNS = list(analysis.SEQUENTIAL_COLUMNS)
+PROCEDURES = ("certify", "sequential")
 
 
 # Settings that change a row: resuming with any of them different would mix two jobs in one file.
 # ``batch_size`` changes speed only; ``skip``/``max`` only choose which inputs get a row (the row of
 # input i depends on (seed, i), not on the others), so they may change on resume.
 RESULT_FIELDS = ["certify", "n0", "n", "alpha", "seed", "sigma", "checkpoint_sha256", "dataset",
-                 "split", "precision"]
+                 "split", "precision", "procedure", "max_n", "radius", "max_radius"]
 MAX_SEED = 2 ** 63 - 1
 
 
@@ -108,14 +110,37 @@ def run_certification(smooth: Smooth, images: np.ndarray, labels: np.ndarray,
                       indices: Sequence[int], out: str | Path, *, certify: bool = True,
                       n0: int = 100, n: int = 100_000, alpha: float = 0.001,
                       batch_size: int = 1000, seed: int = 0, resume: bool = False,
-                      progress: bool = True, config: dict[str, Any] | None = None) -> Path:
+                      progress: bool = True, config: dict[str, Any] | None = None,
+                      procedure: str = "certify", radius: float | None = None,
+                      max_n: int | None = None, max_radius: float | None = None) -> Path:
     """CERTIFY (or PREDICT) ``images[indices]`` and write the reference TSV to ``out``.
 
     ``config`` (the run's settings) is written beside the TSV as ``<out>.json`` (with the
     checkpoint's sha256 when ``config["checkpoint"]`` names one). ``out`` is locked while the run
     writes it (a second writer gets "in use by pid N"); ``resume=True`` refuses to append rows
     when a setting in :data:`RESULT_FIELDS` differs from the stored ``<out>.json``.
+
+    ``procedure="sequential"`` (with ``certify``) runs sequential CERTIFY instead
+    (docs/sequential.md): ``Smooth.certify_sequential`` with ``max_n`` (default ``n``) and
+    ``max_radius``, or with ``radius`` the decision ``Smooth.certify_at`` (a certified row has
+    radius = ``radius``, the others predict −1 and radius 0); the TSV gets a ``samples`` column.
     """
+    from smoothmix_tf._checks import check_choice
+
+    check_choice("procedure", procedure, PROCEDURES)
+    if procedure != "sequential" and (radius, max_n, max_radius) != (None, None, None):
+        raise fail("radius / max_n / max_radius are settings of sequential certification",
+                   "Add --sequential (procedure='sequential'), or drop them.")
+    sequential = certify and procedure == "sequential"
+    max_n = n if max_n is None else max_n
+    if sequential:  # bad settings fail before any file is written
+        from smoothmix_tf import sequential as checks
+
+        checks.check_sequential_settings(n0, max_n, alpha, batch_size, checks.DEFAULT_FIRST_LOOK,
+                                         checks.DEFAULT_GROWTH)
+        checks.check_max_radius(max_radius)
+        if radius is not None:
+            checks.check_radius(radius)
     out = Path(out)
     sidecar = out.with_suffix(".json")
     ownership.check_output_file(out, sidecar)
@@ -126,25 +151,31 @@ def run_certification(smooth: Smooth, images: np.ndarray, labels: np.ndarray,
               "n0": n0 if certify else None, "n": n, "alpha": alpha,
               "batch_size": batch_size, "seed": seed, "sigma": smooth.sigma,
               "num_inputs": len(indices), **(config or {})}
+    if sequential:
+        record.update(procedure="sequential", max_n=max_n, radius=radius, max_radius=max_radius)
     if (config or {}).get("checkpoint") is not None:
         record["checkpoint_sha256"] = checkpoint_digest(config["checkpoint"])
     record["settings_hash"] = ownership.settings_hash({k: record.get(k) for k in RESULT_FIELDS})
+    columns = SEQUENTIAL_COLUMNS if sequential else (CERTIFY_COLUMNS if certify
+                                                     else PREDICT_COLUMNS)
     out.parent.mkdir(parents=True, exist_ok=True)
     with ownership.hold_lock(out):
-        writer = analysis.TsvWriter(out, columns=CERTIFY_COLUMNS if certify else PREDICT_COLUMNS,
-                                    resume=resume)
+        writer = analysis.TsvWriter(out, columns=columns, resume=resume)
         with writer:
             _check_resume(out, sidecar, record, resume and bool(writer.done))
             ownership.crash_point("settings")
             atomic_write_text(sidecar, json.dumps(record, indent=2, default=str))
             _certify_rows(smooth, images, labels, indices, writer, certify=certify, n0=n0, n=n,
-                          alpha=alpha, batch_size=batch_size, seed=seed, progress=progress)
+                          alpha=alpha, batch_size=batch_size, seed=seed, progress=progress,
+                          sequential={"max_n": max_n, "radius": radius, "max_radius": max_radius}
+                          if sequential else None)
     return out
 
 
 def _certify_rows(smooth: Smooth, images: np.ndarray, labels: np.ndarray, indices: Sequence[int],
                   writer: analysis.TsvWriter, *, certify: bool, n0: int, n: int, alpha: float,
-                  batch_size: int, seed: int, progress: bool) -> None:
+                  batch_size: int, seed: int, progress: bool,
+                  sequential: dict[str, Any] | None = None) -> None:
     from tqdm import tqdm
 
     todo = [i for i in indices if i not in writer.done]
@@ -154,7 +185,14 @@ def _certify_rows(smooth: Smooth, images: np.ndarray, labels: np.ndarray, indice
         for i in todo:
             start = time.time()
             image, label = images[i: i + 1], int(labels[i])
-            if certify:
+            if sequential is not None:
+                pred, certified_radius, samples = certify_one_sequentially(
+                    smooth, image, n0=n0, alpha=alpha, batch_size=batch_size,
+                    seed=input_seed(seed, i), **sequential)
+                writer.write_row(i, label, pred, certified_radius, int(pred == label),
+                                 time.time() - start, samples)
+                bar.set_postfix(samples=samples)
+            elif certify:
                 classes, radii = smooth.certify(image, n0=n0, n=n, alpha=alpha,
                                                 batch_size=batch_size, seed=input_seed(seed, i))
                 pred = int(classes[0])
@@ -167,3 +205,18 @@ def _certify_rows(smooth: Smooth, images: np.ndarray, labels: np.ndarray, indice
                 writer.write_row(i, label, pred, int(pred == label), time.time() - start)
             ownership.crash_point("tsv_row")
             bar.update(1)
+
+
+def certify_one_sequentially(smooth: Smooth, image: np.ndarray, *, n0: int, max_n: int,
+                             alpha: float, batch_size: int, seed: int, radius: float | None,
+                             max_radius: float | None) -> tuple[int, float, int]:
+    """(class or −1, certified radius, estimation samples) of one image by sequential CERTIFY:
+    ``certify_at(radius)`` when a radius is given, else ``certify_sequential``."""
+    common = {"alpha": alpha, "n0": n0, "max_n": max_n, "batch_size": batch_size, "seed": seed}
+    if radius is not None:
+        found = smooth.certify_at(image, radius, **common)
+        certified = bool(found["certified"][0])
+        return (int(found["classes"][0]), float(radius) if certified else 0.0,
+                int(found["samples"][0]))
+    found = smooth.certify_sequential(image, max_radius=max_radius, **common)
+    return int(found["classes"][0]), float(found["radius"][0]), int(found["samples"][0])

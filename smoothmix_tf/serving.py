@@ -17,6 +17,11 @@ so TF Serving's REST row format and server-side batching work):
 ``probabilities``        softmax of the base network on the clean images ``[batch, classes]``
 ``*_uint8``              the same on uint8 pixels in [0, 255] (divided by 255 in the graph)
 ``*_seeded``             the same with a second input ``seed`` int64 ``[batch]`` (one per image)
+``certify_at``           sequential CERTIFY decision at a radius (docs/sequential.md): inputs
+                         ``images``, ``radius`` float32 ``[batch]``; ``classes`` (−1 = not
+                         certified), ``certified`` bool, ``samples``, ``p_lower``, ``count``
+``certify_sequential``   sequential CERTIFY (max_n = n): ``classes``, ``radius``, ``samples``,
+                         ``p_lower``, ``count`` — latency grows with how hard the image is
 =======================  ====================================================================
 
 The certification settings (σ, n0, n, α, noise batch size) are fixed at export time, returned with
@@ -75,6 +80,10 @@ CERTIFY_OUTPUTS = {"classes": tf.int64, "radius": tf.float32, "p_lower": tf.floa
                    "count": tf.int64}
 PREDICT_OUTPUTS = {"classes": tf.int64, "top_count": tf.int64, "runner_up_count": tf.int64,
                    "p_value": tf.float64}
+CERTIFY_AT_OUTPUTS = {"classes": tf.int64, "certified": tf.bool, "samples": tf.int64,
+                      "p_lower": tf.float64, "count": tf.int64}
+SEQUENTIAL_OUTPUTS = {"classes": tf.int64, "radius": tf.float32, "samples": tf.int64,
+                      "p_lower": tf.float64, "count": tf.int64}
 
 CERTIFICATE_MEANING = (
     "certify: for an image x (pixels in [0, 1]) the answer (class c, radius r) means: with "
@@ -105,6 +114,26 @@ def check_request_seeds(seeds: tf.Tensor, images: tf.Tensor) -> tf.Tensor:
             summarize=8)
     with tf.control_dependencies([value_check]):
         return tf.identity(seeds)
+
+
+def check_request_radius(radius: tf.Tensor, images: tf.Tensor) -> tf.Tensor:
+    """One radius per image, finite and >= 0: float32 ``[batch]`` (InvalidArgumentError
+    otherwise). Returns it as float64."""
+    batch = tf.shape(images, out_type=tf.int64)[0]
+    received = tf.raw_ops.Shape(input=radius, out_type=tf.int64)
+    shape = received_shape(radius, 2)
+    shape_check = tf.debugging.Assert(
+        tf.logical_and(tf.equal(shape[0], batch), tf.equal(shape[1], -1)),
+        ["radius must be a float32 vector with one radius per image: expected shape [batch] "
+         "with batch =", batch, "; got shape", received], summarize=8)
+    with tf.control_dependencies([shape_check]):
+        radius = tf.ensure_shape(tf.identity(radius), [None])
+        value_check = tf.debugging.Assert(
+            tf.reduce_all(tf.math.is_finite(radius) & (radius >= 0.0)),
+            ["radius values must be finite and >= 0 (l2 radius in [0, 1] pixel units); got",
+             radius], summarize=8)
+    with tf.control_dependencies([value_check]):
+        return tf.cast(radius, tf.float64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,6 +245,7 @@ class SmoothServingModule(tf.Module):
             found[f"probabilities{suffix}"] = self._probabilities_signature(
                 uint8).get_concrete_function(image_spec)
         found["serving_default"] = found["predict"]
+        found.update(self.sequential_signatures())
         return found
 
     def _plain(self, core, uint8: bool):
@@ -234,6 +264,58 @@ class SmoothServingModule(tf.Module):
         def signature(images):
             return self._probabilities_core(self._as_float(images, uint8))
         return tf.function(signature, autograph=False)
+
+    # -- sequential CERTIFY (docs/sequential.md): max_n = the export's n, same alpha, n0, seed ---
+    def sequential_signatures(self) -> dict[str, Any]:
+        """``certify_at`` (inputs images, radius float32 ``[batch]``) and ``certify_sequential``
+        (input images; no max_radius, the default radius tolerance), each image alone with the
+        export-time seed: equal to ``Smooth.certify_at(image[None], radius, alpha, n0, max_n=n,
+        batch_size, seed)`` / ``Smooth.certify_sequential(...)``."""
+        image_spec = tf.TensorSpec([None, *self.image_shape], tf.float32, name="images")
+        radius_spec = tf.TensorSpec([None], tf.float32, name="radius")
+
+        def certify_at(images, radius):
+            images = self._as_float(images, uint8=False)
+            return self._certify_at_images(images, self._default_seeds(images),
+                                           check_request_radius(radius, images))
+
+        def certify_sequential(images):
+            images = self._as_float(images, uint8=False)
+            return self._certify_sequential_images(images, self._default_seeds(images))
+
+        return {"certify_at": tf.function(certify_at, autograph=False).get_concrete_function(
+                    image_spec, radius_spec),
+                "certify_sequential": tf.function(certify_sequential, autograph=False)
+                .get_concrete_function(image_spec)}
+
+    def _sequential_settings(self) -> dict[str, Any]:
+        settings = self.settings
+        return {"n0": settings["n0"], "max_n": settings["n"], "alpha": settings["alpha"],
+                "batch_size": settings["batch_size"],
+                "first_look": min(settings["n"], 100)}  # Smooth's default, at most n
+
+    def _certify_at_images(self, images: tf.Tensor, seeds: tf.Tensor, radius: tf.Tensor) -> dict:
+        images = self.smooth.validate_images_graph(images)
+        settings = self._sequential_settings()
+
+        def one(args):
+            image, seed, r = args
+            result = self.smooth.certify_at_graph(image[tf.newaxis], seed, r[tf.newaxis],
+                                                  **settings)
+            return {key: result[key][0] for key in CERTIFY_AT_OUTPUTS}
+
+        result = tf.map_fn(one, (images, seeds, radius),
+                           fn_output_signature=dict(CERTIFY_AT_OUTPUTS),
+                           parallel_iterations=self.parallel_images)
+        return {**result, "requested_radius": tf.identity(radius),
+                **self._parameters(tf.shape(images)[0], seeds, certify=True)}
+
+    def _certify_sequential_images(self, images: tf.Tensor, seeds: tf.Tensor) -> dict:
+        settings = self._sequential_settings()
+        result = self._each_image(
+            lambda x, s: self.smooth.certify_sequential_graph(x, s, **settings),
+            SEQUENTIAL_OUTPUTS, images, seeds)
+        return {**result, **self._parameters(tf.shape(images)[0], seeds, certify=True)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,6 +359,23 @@ def signature_descriptions(image_shape: tuple[int | None, ...]) -> dict[str, dic
             "inputs": {"images": pixels},
             "outputs": {"probabilities": "float32 [batch, classes]"}}
     described["serving_default"] = {**described["predict"], "alias_of": "predict"}
+    sequential = {"samples": "int64 [batch], estimation samples used (at most n)",
+                  "p_lower": "float64 [batch], anytime-valid lower confidence bound",
+                  "count": "int64 [batch], votes for the class among the samples used",
+                  "n0": "int64 [batch], selection noise samples", **params}
+    described["certify_at"] = {
+        "procedure": "sequential CERTIFY decision at a radius (docs/sequential.md), max_n = n",
+        "inputs": {"images": f"float32 {shape}, pixels in [0, 1]",
+                   "radius": "float32 [batch], l2 radius >= 0 to certify (one per image)"},
+        "outputs": {"classes": "int64 [batch], class when certified at radius, else -1",
+                    "certified": "bool [batch]", "requested_radius": "float64 [batch]",
+                    **sequential}}
+    described["certify_sequential"] = {
+        "procedure": "sequential CERTIFY (docs/sequential.md), max_n = n, no max_radius",
+        "inputs": {"images": f"float32 {shape}, pixels in [0, 1]"},
+        "outputs": {"classes": "int64 [batch], class or -1 (abstain)",
+                    "radius": "float32 [batch], certified l2 radius (0 when abstaining)",
+                    **sequential}}
     return described
 
 
@@ -441,5 +540,6 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, n0: int = 10
                   max_batch=max_batch)
 
 
-__all__ = ["SmoothServingModule", "check_request_seeds", "existing_versions", "export",
-           "export_from_checkpoint", "max_certifiable_radius", "next_version_path", "read_metadata"]
+__all__ = ["SmoothServingModule", "check_request_radius", "check_request_seeds",
+           "existing_versions", "export", "export_from_checkpoint", "max_certifiable_radius",
+           "next_version_path", "read_metadata"]

@@ -133,3 +133,44 @@ def test_argparse_lives_only_in_the_cli_package():
     users = [str(p.relative_to(root)) for p in root.rglob("*.py")
              if "import argparse" in p.read_text() and p.parent.name != "cli"]
     assert not users, f"argparse outside smoothmix_tf/cli: {users}"
+
+
+def test_sequential_certify_resume_and_analyze(tmp_path, trained_run, tiny_npz, capsys):
+    """`certify --sequential`: the reference columns + samples, rows equal to the library's
+    certify_sequential / certify_at with the input's seed, --resume, analyze reads the file."""
+    from smoothmix_tf.certify import Smooth
+    from smoothmix_tf.evaluation import input_seed
+    from smoothmix_tf.training import load_trained
+
+    tsv = tmp_path / "s.tsv"
+    args = ["certify", "--checkpoint", str(trained_run), "--sequential", "--n0", "20",
+            "--max-n", "800", "--batch", "100", "--alpha", "0.01", "--max", "3", "--out", str(tsv)]
+    assert main(args) == 0
+    full = tsv.read_text()
+    header, *rows = full.splitlines()
+    assert header.split("\t") == [*analysis.CERTIFY_COLUMNS, "samples"] and len(rows) == 3
+    lines = full.splitlines(keepends=True)
+    tsv.write_text("".join(lines[:2]) + lines[2][:4])
+    assert main(args + ["--resume"]) == 0
+    strip_time = [line.split("\t")[:5] + line.split("\t")[6:] for line in full.splitlines()]
+    assert [line.split("\t")[:5] + line.split("\t")[6:]
+            for line in tsv.read_text().splitlines()] == strip_time
+    base, sigma, _ = load_trained(trained_run)
+    smooth = Smooth(base, num_classes=10, sigma=sigma)
+    x = np.load(tiny_npz)["x_test"][:3, :, :, None].astype(np.float32) / 255
+    for i, row in enumerate(rows):
+        found = smooth.certify_sequential(x[i:i + 1], alpha=0.01, n0=20, max_n=800,
+                                          batch_size=100, seed=input_seed(0, i))
+        fields = row.split("\t")
+        assert int(fields[2]) == found["classes"][0] and int(fields[6]) == found["samples"][0]
+        assert float(fields[3]) == pytest.approx(float(found["radius"][0]), abs=1e-3)
+    assert len(analysis.load_certification(tsv).idx) == 3
+    at = tmp_path / "at.tsv"
+    assert main(args[:-2] + ["--radius", "0.1", "--out", str(at)]) == 0
+    for row in at.read_text().splitlines()[1:]:
+        fields = row.split("\t")
+        assert float(fields[3]) == (0.1 if int(fields[2]) >= 0 else 0.0)
+    capsys.readouterr()
+    assert main(["certify", "--checkpoint", str(trained_run), "--radius", "0.1", "--out",
+                 str(tmp_path / "x.tsv")]) == 2
+    assert "--sequential" in capsys.readouterr().err

@@ -22,6 +22,15 @@ def _add_smoothing_args(p, certify: bool) -> None:
     p.add_argument("--max", type=int, default=None, help="stop after this many inputs")
     if certify:
         p.add_argument("--n0", type=int, default=100, help="selection samples (default 100)")
+        p.add_argument("--sequential", action="store_true",
+                       help="sequential CERTIFY (docs/sequential.md): same guarantee, stops each "
+                            "input once decided; adds a `samples` column")
+        p.add_argument("--radius", type=float, default=None,
+                       help="with --sequential: only decide certification at this l2 radius")
+        p.add_argument("--max-n", type=int, default=None,
+                       help="with --sequential: most estimation samples (default --n)")
+        p.add_argument("--max-radius", type=float, default=None,
+                       help="with --sequential: stop an input once its radius reaches this")
     p.add_argument("--n", type=int, default=100_000, help="estimation samples (default 100,000)")
     p.add_argument("--alpha", type=float, default=0.001,
                    help="failure probability of the certificate (default 0.001)")
@@ -104,13 +113,21 @@ def cmd_certify_or_predict(args) -> int:
                     config={"checkpoint": str(args.checkpoint), "dataset": dataset,
                             "split": args.split, "skip": args.skip, "max": args.max,
                             "precision": args.precision})
+    sequential = {"procedure": "sequential" if getattr(args, "sequential", False) else "certify",
+                  "radius": getattr(args, "radius", None), "max_n": getattr(args, "max_n", None),
+                  "max_radius": getattr(args, "max_radius", None)}
     if args.runner == "beam":
+        if sequential["procedure"] == "sequential":
+            raise fail("--sequential runs with --runner local only",
+                       "Drop --runner beam (sequential runs stop early per input; see "
+                       "docs/scale.md for sharding them).")
         if args.resume:
             raise fail("--resume applies to --runner local", "Re-run the Beam job: it writes "
                        "the TSV once, after every input is done (runners retry failed work).")
         sharded.run_certify_pipeline(smooth, x, y, indices, args.out, checkpoint=args.checkpoint,
                                      chunk=args.chunk, beam_options=args.beam_option, **settings)
     else:
-        run_certification(smooth, x, y, indices, args.out, resume=args.resume, **settings)
+        run_certification(smooth, x, y, indices, args.out, resume=args.resume, **sequential,
+                          **settings)
     print(f"wrote {args.out}")
     return 0

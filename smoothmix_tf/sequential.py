@@ -1,0 +1,254 @@
+"""Sequential CERTIFY: Cohen et al.'s certificate from as few noise samples as each input needs.
+
+CERTIFY (paper eq. 3; Cohen et al. 2019) draws a fixed n = 100,000 estimation samples per input.
+The sequential procedures look at the running vote count at a fixed, finite schedule of sample
+sizes ("looks") n_1 < n_2 < … < n_K = max_n and stop an input as soon as its answer is settled
+(docs/sequential.md):
+
+- :func:`look_schedule` — geometric looks ``first_look · growth^k``, the last one ``max_n``;
+- :func:`alpha_schedule` — per-look levels α_k with Σ_k α_k = α (half at the last look, the
+  other half split evenly over the earlier ones; one look = α, i.e. CERTIFY exactly);
+- :func:`clopper_pearson_upper`, :func:`projected_final_lower`, :func:`expected_final_lower` —
+  the upper confidence bound, and forecasts of the bound at max_n (from the upper bound, or from
+  the current estimate); used only to stop early *without* certifying more, which never
+  endangers the guarantee (abstaining, or keeping a smaller radius, is always safe);
+- :func:`certify_at_stop` / :func:`sequential_stop` — the stopping rules;
+- :func:`run_looks` — the ``tf.while_loop`` over looks with a per-input ``active`` mask.
+
+The guarantee (anytime-valid by a union bound). With p the true probability that the base
+classifier votes for the selected class ĉ_A (chosen on separate selection samples, so p is fixed
+before the estimation samples are drawn), p̲_k = the one-sided exact Clopper–Pearson bound at level
+α_k of the count after n_k samples satisfies P[p̲_k > p] ≤ α_k, hence
+P[∃k: p̲_k > p] ≤ Σ_k α_k ≤ α. On the complementary event *every* look's bound is valid at once,
+so the bound used at any data-dependent stopping time, and the running maximum max_k p̲_k, are
+≤ p: with probability ≥ 1 − α the certified radius σ·Φ⁻¹(max_k p̲_k) (or the decision
+p̲ ≥ Φ(r/σ)) is correct, whatever the stopping rule. Using the fixed-n bound at level α at every
+look instead ("peeking") has P[∃k: p̲_k > p] well above α; the tests show it.
+
+Everything here is TensorFlow ops on float64 statistics, so the same functions run in the graph of
+:meth:`Smooth.certify_at_graph` / :meth:`Smooth.certify_sequential_graph`, in the SavedModel, and
+in the network-free simulation of the tests (a Bernoulli vote sampler instead of the network).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import tensorflow as tf
+
+from smoothmix_tf._checks import check_int_at_least, check_non_negative, check_open_unit, fail
+from smoothmix_tf.certify import clopper_pearson_lower
+
+DEFAULT_FIRST_LOOK = 100
+DEFAULT_GROWTH = 2.0
+DEFAULT_FINAL_SHARE = 0.5
+DEFAULT_RADIUS_TOLERANCE = 0.05  # in units of σ: a fifth of the 0.25σ spacing of Table 2 at σ = 1
+
+# A vote sampler: (start [B], stop [B]) int64 -> votes for the selected class on samples
+# [start_i, stop_i) of input i, int64 [B] (an empty range gives 0 and must cost nothing).
+VoteSampler = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+# A stopping rule: (count [B], n scalar, p_lower [B], alpha_k scalar) -> stop now [B] bool.
+StopRule = Callable[[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]
+
+
+# ------------------------------------------------------------------------------------------------
+# schedules (Python, fixed before any sample is drawn)
+# ------------------------------------------------------------------------------------------------
+def look_schedule(max_n: int, first_look: int = DEFAULT_FIRST_LOOK,
+                  growth: float = DEFAULT_GROWTH) -> tuple[int, ...]:
+    """Sample sizes n_1 < … < n_K = max_n of the looks: round(first_look · growth^k) below max_n,
+    then max_n. ``first_look = max_n`` gives the single look of CERTIFY."""
+    check_int_at_least("max_n (most estimation samples)", max_n, 1)
+    check_int_at_least("first_look (samples at the first look)", first_look, 1)
+    if first_look > max_n:
+        raise fail(f"first_look={first_look} is larger than max_n={max_n}",
+                   "Pass first_look <= max_n (first_look = max_n runs plain CERTIFY).")
+    if not isinstance(growth, (int, float)) or isinstance(growth, bool) or not growth > 1.0 \
+            or not math.isfinite(growth):
+        raise fail(f"growth must be a finite number > 1, got {growth!r}",
+                   "Pass e.g. growth=2.0 (the looks double).")
+    looks, size = [], float(first_look)
+    while round(size) < max_n:
+        if not looks or round(size) > looks[-1]:
+            looks.append(int(round(size)))
+        size *= growth
+    return tuple(looks) + (int(max_n),)
+
+
+def alpha_schedule(alpha: float, num_looks: int,
+                   final_share: float = DEFAULT_FINAL_SHARE) -> tuple[float, ...]:
+    """Per-look levels α_1..α_K, Σ α_k = α: ``final_share``·α at the last look (where the inputs
+    that need every sample are decided, so CERTIFY's radius is barely lowered), the rest split
+    evenly over the earlier looks. One look: (α,), CERTIFY itself."""
+    check_open_unit("alpha (failure probability)", alpha)
+    check_int_at_least("num_looks", num_looks, 1)
+    check_open_unit("final_share", final_share)
+    if num_looks == 1:
+        return (float(alpha),)
+    early = alpha * (1.0 - final_share) / (num_looks - 1)
+    return (early,) * (num_looks - 1) + (alpha * final_share,)
+
+
+def max_radius_at(sigma: float, n: int, alpha: float) -> float:
+    """σ·Φ⁻¹(α^{1/n}): the largest radius n samples can certify (every vote correct)."""
+    bound = alpha ** (1.0 / n)
+    return sigma * _normal_ppf(bound) if bound > 0.5 else 0.0
+
+
+def _normal_ppf(q: float) -> float:
+    from statistics import NormalDist
+    return NormalDist().inv_cdf(q)
+
+
+# ------------------------------------------------------------------------------------------------
+# bounds (float64 TF ops)
+# ------------------------------------------------------------------------------------------------
+def clopper_pearson_upper(k: Any, n: Any, alpha: Any) -> tf.Tensor:
+    """One-sided exact Clopper–Pearson upper bound p̄ with P[p̄ ≥ p] ≥ 1 − alpha (= 1 − the lower
+    bound of the n − k failures); 1 when k = n."""
+    k, n = tf.cast(k, tf.float64), tf.cast(n, tf.float64)
+    return 1.0 - clopper_pearson_lower(n - k, n, alpha)
+
+
+def projected_final_lower(count: tf.Tensor, n: tf.Tensor, alpha_now: tf.Tensor, final_n: int,
+                          final_alpha: float) -> tf.Tensor:
+    """The bound the last look would give if p were its current upper bound p̄ (level
+    ``alpha_now``): CP_lower(p̄·final_n, final_n, final_alpha). An optimistic forecast of what
+    continuing to max_n can reach; used only to stop early *without* certifying more."""
+    upper = clopper_pearson_upper(count, n, alpha_now)
+    return clopper_pearson_lower(upper * float(final_n), float(final_n), final_alpha)
+
+
+def radius_from_lower(p_lower: tf.Tensor, sigma: float) -> tf.Tensor:
+    """σ·Φ⁻¹(p̲) where p̲ ≥ ½ (Cohen et al.'s radius), 0 otherwise (abstain), float64."""
+    p_lower = tf.cast(p_lower, tf.float64)
+    return tf.where(p_lower < 0.5, tf.zeros_like(p_lower),
+                    sigma * tf.math.ndtri(tf.maximum(p_lower, 0.5)))
+
+
+# ------------------------------------------------------------------------------------------------
+# stopping rules
+# ------------------------------------------------------------------------------------------------
+def certify_at_stop(threshold: tf.Tensor, final_n: int, final_alpha: float) -> StopRule:
+    """certify_at's rule: stop when p̲ ≥ Φ(r/σ) (certified) or when even the optimistic forecast
+    of the last look stays below Φ(r/σ) (cannot be certified within max_n)."""
+    threshold = tf.cast(threshold, tf.float64)
+
+    def stop(count, n, p_lower, alpha_now):
+        hopeless = projected_final_lower(count, n, alpha_now, final_n, final_alpha) < threshold
+        return (p_lower >= threshold) | hopeless
+    return stop
+
+
+def expected_final_lower(count: tf.Tensor, n: tf.Tensor, final_n: int,
+                         final_alpha: float) -> tf.Tensor:
+    """The bound the last look is expected to give: CP_lower(p̂·final_n, final_n, final_alpha)
+    with p̂ = count / n the current estimate (used only to stop without certifying more)."""
+    estimate = tf.cast(count, tf.float64) / tf.cast(n, tf.float64)
+    return clopper_pearson_lower(estimate * float(final_n), float(final_n), final_alpha)
+
+
+def sequential_stop(sigma: float, final_n: int, final_alpha: float, max_radius: float | None,
+                    radius_tolerance: float) -> StopRule:
+    """certify_sequential's rule: stop when the radius reached ``max_radius``, or when the radius
+    the last look is expected to give (:func:`expected_final_lower`) exceeds the current radius
+    by at most ``radius_tolerance``·σ (abstentions included: both 0)."""
+    def stop(count, n, p_lower, alpha_now):
+        radius = radius_from_lower(p_lower, sigma)
+        forecast = radius_from_lower(expected_final_lower(count, n, final_n, final_alpha), sigma)
+        done = forecast - radius <= radius_tolerance * sigma
+        if max_radius is not None:
+            done |= radius >= max_radius
+        return done
+    return stop
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop over looks
+# ------------------------------------------------------------------------------------------------
+def run_looks(sample_votes: VoteSampler, active: tf.Tensor, looks: tuple[int, ...],
+              alphas: tuple[float, ...], stop_rule: StopRule) -> dict[str, tf.Tensor]:
+    """The sequential loop: at look k every still-active input draws samples [n_{k−1}, n_k),
+    its bound p̲ = max over its looks of CP_lower(count, n_k, α_k) is updated, and it stops when
+    ``stop_rule`` says so (or at the last look). ``active`` [B] bool: inputs to run at all.
+
+    Returns ``count`` int64 [B] (votes for the class at the stop), ``samples`` int64 [B]
+    (estimation samples drawn), ``p_lower`` float64 [B] (0 for inputs never run).
+    """
+    if len(looks) != len(alphas) or not looks:
+        raise fail(f"{len(looks)} looks but {len(alphas)} alpha levels",
+                   "Pass one alpha level per look (alpha_schedule).")
+    num_looks = len(looks)
+    starts = tf.constant((0,) + tuple(looks[:-1]), tf.int64)
+    ends = tf.constant(looks, tf.int64)
+    levels = tf.constant(alphas, tf.float64)
+    active = tf.convert_to_tensor(active, tf.bool)
+    zeros = tf.zeros_like(active, tf.int64)
+
+    def body(k, active, count, samples, p_lower):
+        n = ends[k]
+        start, stop = tf.where(active, starts[k], zeros), tf.where(active, n, zeros)
+        count = count + sample_votes(start, stop)
+        samples = tf.where(active, n, samples)
+        look_lower = clopper_pearson_lower(count, n, levels[k])
+        p_lower = tf.where(active, tf.maximum(p_lower, look_lower), p_lower)
+        finished = stop_rule(count, n, p_lower, levels[k]) | (k >= num_looks - 1)
+        return k + 1, active & ~finished, count, samples, p_lower
+
+    _, _, count, samples, p_lower = tf.while_loop(
+        lambda k, active, *_: (k < num_looks) & tf.reduce_any(active), body,
+        (tf.constant(0), active, zeros, zeros, tf.zeros_like(active, tf.float64)),
+        shape_invariants=(tf.TensorShape([]),) + (tf.TensorShape([None]),) * 4)
+    return {"count": count, "samples": samples, "p_lower": p_lower}
+
+
+# ------------------------------------------------------------------------------------------------
+# settings checks (shared by Smooth, the CLI and the export)
+# ------------------------------------------------------------------------------------------------
+def check_sequential_settings(n0: int, max_n: int, alpha: float, batch_size: int,
+                              first_look: int, growth: float) -> tuple[int, ...]:
+    """Validate the settings of both procedures; returns the look schedule."""
+    check_int_at_least("n0 (selection noise samples)", n0, 1, "Pass n0 >= 1, e.g. n0=100.")
+    check_int_at_least("max_n (most estimation samples)", max_n, 1,
+                       "Pass max_n >= 1, e.g. max_n=100000.")
+    check_open_unit("alpha (failure probability)", alpha,
+                    "Pass alpha in (0, 1), e.g. alpha=0.001 (the paper's setting).")
+    check_int_at_least("batch_size (noise samples per network call)", batch_size, 1)
+    if max_n < n0:
+        raise fail(f"max_n={max_n} is smaller than n0={n0}",
+                   "Pass max_n >= n0 (the estimation budget is normally far above the "
+                   "selection samples, e.g. n0=100, max_n=100000).")
+    return look_schedule(max_n, first_look, growth)
+
+
+def check_radius_tolerance(radius_tolerance: float) -> float:
+    return float(check_non_negative("radius_tolerance (in units of σ)", radius_tolerance,
+                                    f"Pass e.g. radius_tolerance={DEFAULT_RADIUS_TOLERANCE}."))
+
+
+def check_radius(radius: float) -> float:
+    """One ℓ2 radius: a finite number >= 0."""
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) \
+            or not math.isfinite(radius) or radius < 0:
+        raise fail(f"radius must be finite and >= 0, got {radius!r}",
+                   "Pass an l2 radius >= 0 in [0, 1] pixel units, e.g. radius=0.5.")
+    return float(radius)
+
+
+def check_max_radius(max_radius: float | None) -> float | None:
+    if max_radius is None:
+        return None
+    if isinstance(max_radius, bool) or not isinstance(max_radius, (int, float)) \
+            or not math.isfinite(max_radius) or max_radius <= 0:
+        raise fail(f"max_radius must be None or a finite number > 0, got {max_radius!r}",
+                   "Pass the largest radius you need, e.g. max_radius=2.75, or None.")
+    return float(max_radius)
+
+
+__all__ = ["DEFAULT_FIRST_LOOK", "DEFAULT_GROWTH", "DEFAULT_RADIUS_TOLERANCE", "alpha_schedule",
+           "certify_at_stop", "check_max_radius", "check_radius", "check_radius_tolerance",
+           "check_sequential_settings", "clopper_pearson_upper", "expected_final_lower",
+           "look_schedule", "max_radius_at", "projected_final_lower", "radius_from_lower",
+           "run_looks", "sequential_stop"]

@@ -1,0 +1,269 @@
+"""Sequential CERTIFY (smoothmix_tf.sequential, Smooth.certify_at / certify_sequential).
+
+References: a network-free simulation (Bernoulli(p) vote streams with known p driven through the
+very loop and stopping rules the graph runs) whose failure on the naive "fixed-n bound at full α at
+every look" variant is asserted; Cohen's CERTIFY (``certify_details``) for the single-look case;
+SciPy for the upper bound; the linear classifier of test_certify.py with its closed-form radius.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats as st
+import tensorflow as tf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_certify import SIDE, image_at, linear_setup  # noqa: E402
+
+from smoothmix_tf import sequential  # noqa: E402
+from smoothmix_tf._checks import SmoothMixError  # noqa: E402
+from smoothmix_tf.certify import Smooth  # noqa: E402
+
+SIGMA = 0.25
+RUNS = 20_000
+SIM_ALPHA = 0.01
+# wrong-certificate frequency allowed: alpha + 3 binomial standard deviations over RUNS runs
+TOLERANCE = SIM_ALPHA + 3 * np.sqrt(SIM_ALPHA * (1 - SIM_ALPHA) / RUNS)
+
+
+# ------------------------------------------------------------------------------------------------
+# schedules and bounds
+# ------------------------------------------------------------------------------------------------
+def test_schedules():
+    looks = sequential.look_schedule(100_000, 100)
+    assert looks[0] == 100 and looks[-1] == 100_000
+    assert all(b == 2 * a for a, b in zip(looks[:-2], looks[1:-1])) and looks[-2] < 100_000
+    assert sequential.look_schedule(5000, 5000) == (5000,)
+    alphas = sequential.alpha_schedule(0.001, len(looks))
+    assert sum(alphas) == pytest.approx(0.001, rel=1e-12) and alphas[-1] == 0.0005
+    assert sequential.alpha_schedule(0.001, 1) == (0.001,)
+
+
+def test_upper_bound_matches_scipy():
+    k = np.array([0, 3, 50, 99, 100])
+    upper = sequential.clopper_pearson_upper(k, 100, 0.01).numpy()
+    expected = np.where(k == 100, 1.0, st.beta.ppf(0.99, k + 1, 100 - k))
+    np.testing.assert_allclose(upper, expected, rtol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------
+# soundness by simulation (no network): the loop + rules the graph runs, Bernoulli votes
+# ------------------------------------------------------------------------------------------------
+def simulate(p: float, max_n: int, alphas: tuple[float, ...] | None, rule_of, seed: int = 0,
+             runs: int = RUNS) -> dict[str, np.ndarray]:
+    """``runs`` independent sequential runs on Bernoulli(p) votes for the selected class.
+
+    ``rule_of(final_alpha)`` builds the stopping rule; ``alphas`` None = the procedure's own
+    schedule, else the per-look levels to use (the naive variant passes alpha at every look).
+    """
+    looks = sequential.look_schedule(max_n, 100)
+    alphas = alphas or sequential.alpha_schedule(SIM_ALPHA, len(looks))
+    probability = tf.constant(np.full(runs, p), tf.float64)
+
+    @tf.function(autograph=False)
+    def run():
+        def votes(start, stop):
+            look_seed = tf.stack([tf.constant(seed, tf.int64), tf.reduce_max(stop)])
+            drawn = tf.random.stateless_binomial([runs], look_seed, tf.cast(stop - start,
+                                                 tf.float64), probability, tf.float64)
+            return tf.cast(drawn, tf.int64)
+        return sequential.run_looks(votes, tf.ones([runs], tf.bool), looks, alphas,
+                                    rule_of(alphas[-1]))
+    return {key: value.numpy() for key, value in run().items()}
+
+
+def at_rule(threshold: float, max_n: int):
+    return lambda final_alpha: sequential.certify_at_stop(threshold, max_n, final_alpha)
+
+
+@pytest.mark.parametrize("radius_over_sigma,gap", [(0.5, 0.002), (1.0, 0.0005), (2.0, 0.0002)])
+def test_certify_at_wrong_certificates_at_most_alpha(radius_over_sigma, gap):
+    threshold = st.norm.cdf(radius_over_sigma)
+    p = threshold - gap  # just below: the image is NOT certifiable at this radius
+    out = simulate(p, 20_000, None, at_rule(threshold, 20_000), seed=int(radius_over_sigma * 10))
+    wrong = np.mean(out["p_lower"] >= threshold)
+    assert wrong <= TOLERANCE, (wrong, TOLERANCE)
+    assert out["samples"].min() >= 100 and out["samples"].max() <= 20_000
+
+
+def test_naive_peeking_fails_the_same_harness():
+    """The classic error — the fixed-n bound at the full alpha at every look — exceeds alpha."""
+    threshold = st.norm.cdf(0.5)
+    looks = sequential.look_schedule(100_000, 100)
+    naive = simulate(threshold - 0.002, 100_000, (SIM_ALPHA,) * len(looks),
+                     at_rule(threshold, 100_000), seed=7)
+    wrong = np.mean(naive["p_lower"] >= threshold)
+    assert wrong > TOLERANCE, (wrong, TOLERANCE)
+
+
+@pytest.mark.parametrize("p,max_radius", [(0.6, None), (0.95, None), (0.995, 2.0)])
+def test_certify_sequential_radius_at_most_true_radius(p, max_radius):
+    rule = lambda final_alpha: sequential.sequential_stop(  # noqa: E731
+        1.0, 20_000, final_alpha, max_radius, sequential.DEFAULT_RADIUS_TOLERANCE)
+    out = simulate(p, 20_000, None, rule, seed=int(p * 1000))
+    radius = sequential.radius_from_lower(out["p_lower"], 1.0).numpy()
+    wrong = np.mean(radius > st.norm.ppf(p))  # larger than the smoothed classifier's radius
+    assert wrong <= TOLERANCE, (wrong, TOLERANCE)
+    assert out["samples"].mean() < 20_000  # it does stop early on these
+
+
+# ------------------------------------------------------------------------------------------------
+# on a network: CERTIFY equivalence, linear classifier, batch invariance, bad inputs
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def linear():
+    model, w, x0 = linear_setup()
+    return Smooth(model, num_classes=2, sigma=SIGMA), w, x0
+
+
+def test_single_look_is_certify(linear):
+    smooth, w, x0 = linear
+    images = np.stack([image_at(w, x0, d) for d in [0.05, -0.2, 0.0, 0.4]])
+    n = 3000
+    cohen = smooth.certify_details(images, n0=50, n=n, alpha=0.001, batch_size=700, seed=11)
+    ours = smooth.certify_sequential(images, alpha=0.001, n0=50, max_n=n, first_look=n,
+                                     batch_size=700, seed=11)
+    for key in ("classes", "radius", "p_lower", "count"):
+        np.testing.assert_array_equal(ours[key], cohen[key], err_msg=key)
+    np.testing.assert_array_equal(ours["samples"], n)
+    at = smooth.certify_at(images, 0.1, alpha=0.001, n0=50, max_n=n, first_look=n,
+                           batch_size=700, seed=11)
+    expected = (cohen["classes"] >= 0) & (cohen["radius"] >= 0.1)
+    np.testing.assert_array_equal(at["certified"], expected)
+
+
+def test_linear_classifier_decisions(linear):
+    smooth, w, x0 = linear
+    distances = np.array([0.25, -0.25, 0.0])  # true radii |d| = σ, σ and a tie
+    images = np.stack([image_at(w, x0, d) for d in distances])
+    inside = smooth.certify_at(images, 0.1, alpha=0.001, max_n=20_000, seed=2)
+    np.testing.assert_array_equal(inside["classes"], [1, 0, -1])
+    assert inside["samples"][:2].max() < 20_000  # decided early
+    outside = smooth.certify_at(images, 0.4, alpha=0.001, max_n=20_000, seed=2)
+    np.testing.assert_array_equal(outside["classes"], [-1, -1, -1])
+    assert not outside["certified"].any() and outside["samples"].max() < 20_000
+    found = smooth.certify_sequential(images, alpha=0.001, max_n=20_000, seed=2)
+    np.testing.assert_array_equal(found["classes"], [1, 0, -1])
+    assert np.all(found["radius"][:2] <= 0.25) and np.all(found["radius"][:2] > 0.15)
+    beyond = smooth.certify_at(images[:1], 0.25 * 4.0, alpha=0.001, max_n=20_000, seed=2)
+    assert beyond["samples"][0] == 0 and not beyond["certified"][0]  # past the cap: no samples
+
+
+def test_batch_invariance(linear):
+    smooth, w, x0 = linear
+    a, b, c, d = (image_at(w, x0, v) for v in (0.1, -0.15, 0.3, 0.02))
+    kwargs = dict(alpha=0.001, max_n=1600, seed=4)
+    first = smooth.certify_sequential(np.stack([a, b, c]), batch_size=1000, **kwargs)
+    other = smooth.certify_sequential(np.stack([a, d, d]), batch_size=333, **kwargs)
+    for key in first:
+        assert first[key][0] == other[key][0], key
+    small = smooth.certify_sequential(np.stack([a, b, c]), batch_size=97, **kwargs)
+    for key in first:
+        np.testing.assert_array_equal(first[key], small[key], err_msg=key)
+    at1 = smooth.certify_at(np.stack([a, b, c]), [0.05, 0.1, 0.2], batch_size=1000, **kwargs)
+    at2 = smooth.certify_at(np.stack([a, d, c]), [0.05, 0.3, 0.2], batch_size=250, **kwargs)
+    for key in at1:
+        np.testing.assert_array_equal(at1[key][[0, 2]], at2[key][[0, 2]], err_msg=key)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(radius=-0.1), "radius must be finite and >= 0"),
+    (dict(radius=float("nan")), "radius must be finite and >= 0"),
+    (dict(max_n=50, n0=100), "max_n=50 is smaller than n0=100"),
+    (dict(max_n=500, first_look=1000), "first_look=1000 is larger than max_n=500"),
+    (dict(alpha=0.0), "alpha"), (dict(alpha=1.0), "alpha"), (dict(alpha=1.5), "alpha"),
+    (dict(growth=1.0), "growth"),
+])
+def test_bad_inputs(linear, kwargs, match):
+    smooth, w, x0 = linear
+    args = dict(radius=0.1, alpha=0.001, max_n=1000)
+    args.update(kwargs)
+    with pytest.raises(SmoothMixError, match=match):
+        smooth.certify_at(image_at(w, x0, 0.1)[None], **args)
+    if "radius" not in kwargs:
+        args.pop("radius")
+        with pytest.raises(SmoothMixError, match=match):
+            smooth.certify_sequential(image_at(w, x0, 0.1)[None], **args)
+
+
+def test_bad_sequential_settings(linear):
+    smooth, w, x0 = linear
+    image = image_at(w, x0, 0.1)[None]
+    with pytest.raises(SmoothMixError, match="max_radius"):
+        smooth.certify_sequential(image, alpha=0.001, max_n=1000, max_radius=-1.0)
+    with pytest.raises(SmoothMixError, match="radius_tolerance"):
+        smooth.certify_sequential(image, alpha=0.001, max_n=1000, radius_tolerance=-0.1)
+    with pytest.raises(SmoothMixError, match="2 radii for 1 images"):
+        smooth.certify_at(image, [0.1, 0.2], alpha=0.001, max_n=1000)
+
+
+# ------------------------------------------------------------------------------------------------
+# SavedModel signatures in a process that imports only tensorflow
+# ------------------------------------------------------------------------------------------------
+CHILD = textwrap.dedent("""
+    import importlib.abc, json, sys
+    BLOCKED = ("smoothmix_tf", "tensorflow_probability", "tf_keras")
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError("blocked in this test: " + name)
+    sys.meta_path.insert(0, Block())
+    import numpy as np
+    import tensorflow as tf
+    export_dir, inputs_file, out_file = sys.argv[1:4]
+    data = np.load(inputs_file)
+    loaded = tf.saved_model.load(export_dir)
+    at = loaded.signatures["certify_at"](images=tf.constant(data["images"]),
+                                         radius=tf.constant(data["radius"]))
+    found = loaded.signatures["certify_sequential"](images=tf.constant(data["images"]))
+    results = {"at/" + k: v.numpy() for k, v in at.items()}
+    results.update({"sequential/" + k: v.numpy() for k, v in found.items()})
+    try:
+        loaded.signatures["certify_at"](images=tf.constant(data["images"]),
+                                        radius=-tf.ones_like(tf.constant(data["radius"])))
+        bad = "accepted"
+    except tf.errors.InvalidArgumentError as error:
+        bad = error.message
+    np.savez(out_file, **results)
+    print(json.dumps({"imported": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED),
+                      "bad_radius": bad}))
+""")
+
+
+def test_saved_model_signatures_match_smooth(linear, tmp_path):
+    from smoothmix_tf import serving
+
+    smooth, w, x0 = linear
+    n0, n, alpha, batch, seed = 30, 3000, 0.001, 500, 6
+    serving.export(smooth, tmp_path / "m" / "1", n0=n0, n=n, alpha=alpha, batch_size=batch,
+                   seed=seed)
+    images = np.stack([image_at(w, x0, d) for d in (0.2, -0.05, 0.0)])
+    radius = np.array([0.1, 0.3, 0.0], np.float32)
+    np.savez(tmp_path / "inputs.npz", images=images, radius=radius)
+    (tmp_path / "child.py").write_text(CHILD)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "m" / "1"),
+                           str(tmp_path / "inputs.npz"), str(tmp_path / "out.npz")],
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["imported"] == [] and "radius" in report["bad_radius"]
+    served = dict(np.load(tmp_path / "out.npz"))
+    for i in range(len(images)):  # each image alone with the export's seed
+        at = smooth.certify_at(images[i:i + 1], float(radius[i]), alpha, n0=n0, max_n=n,
+                               batch_size=batch, seed=seed)
+        found = smooth.certify_sequential(images[i:i + 1], alpha, n0=n0, max_n=n,
+                                          batch_size=batch, seed=seed)
+        for key in ("classes", "certified", "samples", "p_lower", "count"):
+            assert served[f"at/{key}"][i] == at[key][0], key
+        for key in ("classes", "radius", "samples", "p_lower", "count"):
+            assert served[f"sequential/{key}"][i] == found[key][0], key
+    assert served["sequential/n"][0] == n and SIDE == 4
