@@ -27,8 +27,8 @@ _NAMES = {  # public name -> module defining it
     "SmoothedModel": "smoothmix_tf.model",
     "EpochTracker": "smoothmix_tf.model",
     "Smooth": "smoothmix_tf.certify",
-    "clopper_pearson_lower": "smoothmix_tf.certify",
-    "binomial_test_two_sided": "smoothmix_tf.certify",
+    "clopper_pearson_lower": "smoothmix_tf.statistics",
+    "binomial_test_two_sided": "smoothmix_tf.statistics",
 }
 
 __all__ = ["SmoothedModel", "EpochTracker", "Smooth", "SmoothMixError", "clopper_pearson_lower",

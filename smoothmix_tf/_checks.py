@@ -8,6 +8,7 @@ inside a graph.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Iterable
 
 
@@ -89,3 +90,50 @@ def check_noise_batch(name: str, value: Any) -> int:
         raise fail(f"{name} = {value:,} is above the limit {MAX_NOISE_BATCH:,} (a batch that large "
                    "would not fit in memory)", "Pass e.g. 1000; it changes speed only.")
     return value
+
+
+# -- certification settings ----------------------------------------------------------------------
+def as_int(value: Any) -> Any:
+    """NumPy integers -> int (so that the shared checks accept them); anything else unchanged."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def as_float(value: Any) -> Any:
+    """NumPy reals -> float (so that the shared checks accept them); anything else unchanged."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _check_sampling_settings(n: int, alpha: float, batch_size: int) -> None:
+    check_int_at_least("n (estimation noise samples)", as_int(n), 1,
+                       "Pass n >= 1 noise samples, e.g. n=100000 (the paper's setting).")
+    check_sample_count("n (estimation noise samples)", as_int(n))
+    check_open_unit("alpha (failure probability)", as_float(alpha),
+                    "Pass alpha in (0, 1), e.g. alpha=0.001 (the paper's setting).")
+    check_int_at_least("batch_size (noise samples per network call)", as_int(batch_size), 1,
+                       "Pass batch_size >= 1, e.g. 1000.")
+    check_noise_batch("batch_size (noise samples per network call)", as_int(batch_size))
+
+
+def check_certify_settings(n0: int, n: int, alpha: float, batch_size: int) -> None:
+    """CERTIFY's n0, n, alpha and noise batch (SmoothMixError naming the bad one and the fix)."""
+    check_int_at_least("n0 (selection noise samples)", as_int(n0), 1,
+                       "Pass n0 >= 1, e.g. n0=100 (the paper's setting).")
+    check_sample_count("n0 (selection noise samples)", as_int(n0))
+    _check_sampling_settings(n, alpha, batch_size)
+
+
+def check_predict_settings(n: int, alpha: float, batch_size: int) -> None:
+    """PREDICT's n, alpha and noise batch."""
+    _check_sampling_settings(n, alpha, batch_size)
+
+
+def check_seed(seed: Any) -> int:
+    """A noise seed: an integer in [0, 2**63)."""
+    seed = as_int(seed)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise fail(f"seed must be an integer in [0, 2**63), got {seed!r}", "Pass e.g. seed=0.")
+    return seed

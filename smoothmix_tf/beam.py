@@ -89,10 +89,10 @@ class Settings:
 
     def validate(self) -> Settings:
         check_choice("procedure", self.procedure, [*_STAGES, *PER_IMAGE_PROCEDURES])
-        from smoothmix_tf.certify import _check_certify_settings, _check_seed
+        from smoothmix_tf._checks import check_certify_settings, check_seed
 
-        _check_certify_settings(self.n0, self.n, self.alpha, self.batch_size)
-        _check_seed(self.seed)
+        check_certify_settings(self.n0, self.n, self.alpha, self.batch_size)
+        check_seed(self.seed)
         if self.chunk is not None:
             check_int_at_least("chunk (noise samples per work unit)", self.chunk, 1,
                                "Pass --chunk >= 1, e.g. 10000 (or omit it: one unit per stage).")

@@ -1,10 +1,8 @@
 """Certified prediction with a Gaussian-smoothed classifier (Cohen et al. 2019; paper eq. 2–3).
 
 In the style of Cohen et al.'s ``core.py``: one small class, :class:`Smooth`, whose methods mirror
-PREDICT and CERTIFY, plus the two statistics they need:
-
-- :func:`clopper_pearson_lower` — LowerConfBound of CERTIFY (one-sided exact Clopper–Pearson);
-- :func:`binomial_test_two_sided` — BinomialTest of PREDICT (same p-value as SciPy's ``binomtest``).
+PREDICT and CERTIFY (and the sequential procedures of ``docs/sequential.md``); the statistics they
+need live in :mod:`smoothmix_tf.statistics`.
 
 Everything runs in TensorFlow ops inside one ``tf.function`` per call: noise is drawn in chunks of
 ``batch_size`` noise samples by a ``tf.while_loop``, votes are counted with ``one_hot`` + segment
@@ -12,169 +10,32 @@ sums (``bincount`` does not compile under XLA), and the statistics are float64. 
 (:meth:`Smooth.certify_graph`, :meth:`Smooth.predict_graph`) takes and returns tensors, so the
 serving export reuses exactly the code that the NumPy entry points run.
 
-Noise layout (why results do not depend on ``batch_size``). A call with B inputs and n samples
-per input enumerates its noise samples t = i·n + j (input i, sample j). Sample t is the element
-range ``[t·D₄, t·D₄ + D)`` of one Philox stream (D = H·W·C pixels, D₄ = D rounded up to a multiple
-of 4), keyed by ``(seed, stage)``; a chunk of samples ``[a, b)`` is one counter-addressed draw of
-that range (``StatelessRandomNormalV2``). The noise of (input i, sample j) is therefore a function
-of the seed, the stage (selection, estimation or PREDICT: independent streams), i, j and n only —
-never of ``batch_size`` or ``parallel_iterations`` — so counts, classes and radii are identical for
-every ``batch_size``. It does depend on the input's position i in the batch (and on n): the same
-image at another position gets other (equally valid) noise; to make an input's result independent
-of its batch, give it its own seed and certify it alone (as ``evaluation.run_certification`` does).
-XLA (``jit_compile=True``) draws other (also batch-size invariant) bits than the default kernels.
+Noise layout: :mod:`smoothmix_tf.sampling` (sample j of input i is a fixed, counter-addressed
+draw of the seed's stream, so results do not depend on ``batch_size``).
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
-import tensorflow_probability as tfp
 
-from smoothmix_tf._checks import (SmoothMixError, check_choice, check_int_at_least,
-                                  check_noise_batch, check_open_unit, check_positive,
-                                  check_sample_count, fail)
+from smoothmix_tf._checks import (SmoothMixError, as_float, as_int, check_certify_settings,
+                                  check_choice, check_int_at_least, check_positive,
+                                  check_predict_settings, check_seed, fail)
 from smoothmix_tf.choices import INFERENCE_DTYPES
 from smoothmix_tf.hardware import warn_if_bfloat16_is_emulated
+from smoothmix_tf import sampling
 from smoothmix_tf.images import as_image_array, validate_images
 
-ABSTAIN = -1
-_PHILOX = 1  # RNG_ALG_PHILOX of the stateless V2 random ops
+from smoothmix_tf.statistics import (ABSTAIN, binomial_test_two_sided, certificate,
+                                     clopper_pearson_lower, prediction)
+
 _SELECTION, _ESTIMATION, _PREDICTION = 0, 1, 2  # noise streams ("stages") of one seed
 _STAGES = {"selection": _SELECTION, "estimation": _ESTIMATION, "prediction": _PREDICTION}
-
-
-# ------------------------------------------------------------------------------------------------
-# statistics (float64)
-# ------------------------------------------------------------------------------------------------
-def clopper_pearson_lower(k: Any, n: Any, alpha: Any) -> tf.Tensor:
-    """One-sided exact Clopper–Pearson lower bound p̲ with P[p̲ ≤ p] ≥ 1 − alpha (CERTIFY step 3).
-
-    p̲ = alpha-quantile of Beta(k, n − k + 1) (= statsmodels ``proportion_confint(k, n, 2·alpha,
-    method="beta")[0]``); 0 when k = 0 and exactly alpha^(1/n) when k = n. Elementwise on
-    broadcastable tensors, float64 throughout (float32 ``betaincinv`` is off by up to 13%); usable
-    inside ``tf.function``. Domain: 0 ≤ k ≤ n, n ≥ 1, 0 < alpha < 1.
-    """
-    k, n, alpha = _broadcast(_float64(k), _float64(n), _float64(alpha))
-    interior = (k > 0.0) & (k < n)
-    safe_k = tf.where(interior, k, tf.ones_like(k))  # keep betaincinv off its NaN corners
-    safe_b = tf.where(interior, n - k + 1.0, tf.ones_like(k))
-    quantile = tfp.math.betaincinv(safe_k, safe_b, alpha)
-    all_successes = tf.pow(alpha, 1.0 / n)
-    return tf.where(k <= 0.0, tf.zeros_like(k), tf.where(k >= n, all_successes, quantile))
-
-
-def binomial_test_two_sided(k: Any, n: Any, p: Any = 0.5) -> tf.Tensor:
-    """Two-sided exact binomial test p-value of k successes in n trials under H₀: P[success] = p.
-
-    The same definition as ``scipy.stats.binomtest(k, n, p).pvalue`` (PREDICT's BinomialTest): the
-    probability of all outcomes no more likely than k (pmf ≤ pmf(k)·(1 + 1e-7)), capped at 1.
-    For p = ½ this is min(1, 2·P[X ≤ min(k, n − k)]). Tails use the regularized incomplete beta
-    ``tf.math.betainc``; the far tail's edge is found by a vectorized binary search over the
-    unimodal pmf. Elementwise on broadcastable tensors, float64, usable inside ``tf.function``.
-    Domain: 0 ≤ k ≤ n integers, 0 < p < 1 (n = 0 gives 1).
-    """
-    k, n, p = _broadcast(_float64(k), _float64(n), _float64(p))
-
-    def log_pmf(j):
-        return (tf.math.lgamma(n + 1.0) - tf.math.lgamma(j + 1.0) - tf.math.lgamma(n - j + 1.0)
-                + tf.math.xlogy(j, p) + tf.math.xlog1py(n - j, -p))
-
-    threshold = log_pmf(k) + math.log1p(1e-7)
-    mode = n * p
-    below_mode = k < mode
-    # The other tail: outcomes on the far side of the mode with pmf <= threshold. Below the mode
-    # it is {j >= edge} with edge in [ceil(np), n + 1]; above it, {j <= edge} with edge in
-    # [-1, floor(np)]. The predicate is monotone in j on each side, so bisect for the edge.
-    lo = tf.where(below_mode, tf.math.ceil(mode), -tf.ones_like(n))
-    hi = tf.where(below_mode, n + 1.0, tf.math.floor(mode))
-
-    def bisect(lo, hi):
-        if_lo_side = tf.where(below_mode, tf.floor((lo + hi) / 2.0), tf.math.ceil((lo + hi) / 2.0))
-        unlikely = log_pmf(tf.clip_by_value(if_lo_side, 0.0, n)) <= threshold
-        # below: find the smallest j with `unlikely` (hi keeps a satisfying j or n + 1)
-        # above: find the largest j with `unlikely` (lo keeps a satisfying j or -1)
-        new_lo = tf.where(below_mode, tf.where(unlikely, lo, if_lo_side + 1.0),
-                          tf.where(unlikely, if_lo_side, lo))
-        new_hi = tf.where(below_mode, tf.where(unlikely, if_lo_side, hi),
-                          tf.where(unlikely, hi, if_lo_side - 1.0))
-        return new_lo, new_hi
-
-    _, lo, hi = tf.while_loop(lambda i, lo, hi: i < 64,
-                              lambda i, lo, hi: (i + 1, *bisect(lo, hi)), (0, lo, hi))
-    edge = tf.where(below_mode, hi, lo)
-    near_tail = tf.where(below_mode, _binomial_cdf(k, n, p), _binomial_sf_inclusive(k, n, p))
-    far_tail = tf.where(below_mode, _binomial_sf_inclusive(edge, n, p), _binomial_cdf(edge, n, p))
-    p_value = tf.minimum(near_tail + far_tail, 1.0)
-    return tf.where((k == mode) | (n <= 0.0), tf.ones_like(p_value), p_value)
-
-
-def certificate(guess: Any, count: Any, n: Any, alpha: Any, sigma: float) -> dict[str, tf.Tensor]:
-    """CERTIFY's last steps from its counts: p̲_A = LowerConfBound(count, n, 1 − alpha), abstain
-    (class −1, radius 0) when p̲_A < ½, else class ``guess`` with radius σ·Φ⁻¹(p̲_A) (paper eq. 3).
-
-    ``guess`` is ĉ_A (from the selection samples), ``count`` the estimation votes for it out of
-    ``n``. Returns ``classes`` int64, ``radius`` float32, ``p_lower`` float64. Every path that
-    turns counts into a certificate (in-process, SavedModel, sharded) goes through here, so they
-    agree to the bit.
-    """
-    p_lower = clopper_pearson_lower(count, n, alpha)
-    abstain = p_lower < 0.5
-    radius = tf.where(abstain, tf.zeros_like(p_lower), sigma * tf.math.ndtri(tf.maximum(p_lower, 0.5)))
-    guess = tf.cast(guess, tf.int64)
-    return {"classes": tf.where(abstain, tf.constant(ABSTAIN, tf.int64), guess),
-            "radius": tf.cast(radius, tf.float32), "p_lower": p_lower}
-
-
-def prediction(counts: Any, alpha: Any) -> dict[str, tf.Tensor]:
-    """PREDICT's last steps from its votes ``counts`` ``[B, C]``: with n_A, n_B the top two counts
-    (ties: the lower class first), class c_A unless the two-sided binomial test of n_A out of
-    n_A + n_B at ½ has p-value > alpha (then −1, abstain). Returns ``classes`` int64,
-    ``top_count``, ``runner_up_count`` and ``p_value`` (float64). The in-process and the sharded
-    PREDICT both end here."""
-    top_counts, top_classes = tf.math.top_k(counts, k=2)  # ties: the lower class index first
-    top_count, runner_up_count = top_counts[:, 0], top_counts[:, 1]
-    p_value = binomial_test_two_sided(top_count, top_count + runner_up_count, 0.5)
-    classes = tf.where(p_value > alpha, tf.constant(ABSTAIN, tf.int64),
-                       tf.cast(top_classes[:, 0], tf.int64))
-    return {"classes": classes, "top_count": top_count, "runner_up_count": runner_up_count,
-            "p_value": p_value}
-
-
-def _binomial_cdf(m: tf.Tensor, n: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
-    """P[X ≤ m] for X ~ Bin(n, p) (float64): I_{1−p}(n − m, m + 1)."""
-    inside = (m >= 0.0) & (m < n)
-    one = tf.ones_like(m)
-    value = tf.math.betainc(tf.where(inside, n - m, one), tf.where(inside, m + 1.0, one), 1.0 - p)
-    return tf.where(m < 0.0, tf.zeros_like(m), tf.where(m >= n, tf.ones_like(m), value))
-
-
-def _binomial_sf_inclusive(m: tf.Tensor, n: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
-    """P[X ≥ m] for X ~ Bin(n, p) (float64): I_p(m, n − m + 1)."""
-    inside = (m >= 1.0) & (m <= n)
-    one = tf.ones_like(m)
-    value = tf.math.betainc(tf.where(inside, m, one), tf.where(inside, n - m + 1.0, one), p)
-    return tf.where(m <= 0.0, tf.ones_like(m), tf.where(m > n, tf.zeros_like(m), value))
-
-
-def _float64(value: Any) -> tf.Tensor:
-    """Tensors are cast; Python/NumPy numbers are converted in float64 (``tf.cast(0.3, tf.float64)``
-    would round through float32 first)."""
-    if isinstance(value, (tf.Tensor, tf.Variable)):
-        return tf.cast(value, tf.float64)
-    return tf.constant(np.asarray(value, dtype=np.float64))
-
-
-def _broadcast(*tensors: tf.Tensor) -> list[tf.Tensor]:
-    shape = tf.shape(tensors[0])
-    for t in tensors[1:]:
-        shape = tf.broadcast_dynamic_shape(shape, tf.shape(t))
-    return [tf.broadcast_to(t, shape) for t in tensors]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,8 +69,8 @@ class Smooth:
                  parallel_iterations: int = 2, validate_args: bool = True):
         self.base = base
         self.validate_args = bool(validate_args)
-        self.num_classes = check_int_at_least("num_classes", _as_int(num_classes), 2)
-        self.sigma = float(check_positive("sigma (σ)", _as_float(sigma),
+        self.num_classes = check_int_at_least("num_classes", as_int(num_classes), 2)
+        self.sigma = float(check_positive("sigma (σ)", as_float(sigma),
                                           "Pass the noise level σ > 0 the network was trained "
                                           "with, e.g. sigma=0.5."))
         if inference_dtype is not None:
@@ -219,7 +80,7 @@ class Smooth:
             warn_if_bfloat16_is_emulated("certification with inference_dtype='bfloat16'")
         self.jit_compile = bool(jit_compile)
         self.parallel_iterations = check_int_at_least("parallel_iterations",
-                                                      _as_int(parallel_iterations), 1)
+                                                      as_int(parallel_iterations), 1)
         self.image_shape = _expected_image_shape(base)
         outputs = _static_output_classes(base)
         if outputs is not None and outputs != self.num_classes:
@@ -256,8 +117,8 @@ class Smooth:
         """CERTIFY with every intermediate: ``classes``, ``radius``, ``p_lower`` (p̲_A, float64),
         ``count`` (estimation votes for ĉ_A), ``guess`` (ĉ_A even when abstaining), ``counts0``
         (selection votes ``[B, C]``), ``counts`` (estimation votes ``[B, C]``)."""
-        _check_certify_settings(n0, n, alpha, batch_size)
-        seed = _check_seed(seed)
+        check_certify_settings(n0, n, alpha, batch_size)
+        seed = check_seed(seed)
         images = self.check_images(images)
         fn = self._function("certify", n0=int(n0), n=int(n), alpha=float(alpha),
                             batch_size=int(batch_size))
@@ -268,8 +129,8 @@ class Smooth:
                         seed: int = 0) -> dict[str, np.ndarray]:
         """PREDICT with every intermediate: ``classes``, ``top_count`` (n_A), ``runner_up_count``
         (n_B), ``p_value`` (float64), ``counts`` (votes ``[B, C]``)."""
-        _check_predict_settings(n, alpha, batch_size)
-        seed = _check_seed(seed)
+        check_predict_settings(n, alpha, batch_size)
+        seed = check_seed(seed)
         images = self.check_images(images)
         fn = self._function("predict", n=int(n), alpha=float(alpha), batch_size=int(batch_size))
         outputs = fn(tf.constant(images), tf.constant(seed, tf.int64))
@@ -287,13 +148,13 @@ class Smooth:
         """
         check_choice("stage", stage, _STAGES)
         for name, value in (("start", start), ("stop", stop), ("stride", stride)):
-            check_int_at_least(name, _as_int(value), 0)
+            check_int_at_least(name, as_int(value), 0)
         if not int(start) <= int(stop) <= int(stride) or int(stride) < 1:
             raise fail(f"need 0 <= start <= stop <= stride and stride >= 1, got start={start}, "
                        f"stop={stop}, stride={stride}",
                        "Pass a sample range inside each image's stride (its n).")
-        check_int_at_least("batch_size (noise samples per network call)", _as_int(batch_size), 1)
-        seed = _check_seed(seed)
+        check_int_at_least("batch_size (noise samples per network call)", as_int(batch_size), 1)
+        seed = check_seed(seed)
         images = self.check_images(images)
         key = ("range", int(stride), int(batch_size))
         if key not in self._functions:
@@ -330,7 +191,7 @@ class Smooth:
         (ĉ_A), ``counts0`` / ``counts`` int64 ``[B, C]``. Selection and estimation use independent
         noise streams of the seed.
         """
-        _check_certify_settings(n0, n, alpha, batch_size)
+        check_certify_settings(n0, n, alpha, batch_size)
         images = self.validate_images_graph(images)
         counts0 = self.sample_counts(images, n0, _stream_seed(seed, _SELECTION), batch_size)
         guess = tf.argmax(counts0, axis=1, output_type=tf.int64)
@@ -345,7 +206,7 @@ class Smooth:
         (−1 abstain), ``top_count`` int64 (n_A), ``runner_up_count`` int64 (n_B), ``p_value``
         float64 (two-sided binomial test of n_A out of n_A + n_B at ½), ``counts`` int64 ``[B, C]``.
         """
-        _check_predict_settings(n, alpha, batch_size)
+        check_predict_settings(n, alpha, batch_size)
         images = self.validate_images_graph(images)
         counts = self.sample_counts(images, n, _stream_seed(seed, _PREDICTION), batch_size)
         return {**prediction(counts, alpha), "counts": counts}
@@ -377,45 +238,8 @@ class Smooth:
     def _sampling_loop(self, images: tf.Tensor, seed: tf.Tensor, num_samples: int,
                        batch_size: int) -> tf.Tensor:
         """The ``tf.while_loop`` over chunks of :meth:`sample_counts`."""
-        num_inputs = tf.shape(images, out_type=tf.int64)[0]
-        total = num_inputs * num_samples
-        chunk = tf.minimum(tf.constant(batch_size, tf.int64), total)
-        num_chunks = (total + chunk - 1) // chunk
-        key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=tf.cast(seed, tf.int64))
-        static_pixels = images.shape[1:]
-        aligned = static_pixels.is_fully_defined() and static_pixels.num_elements() % 4 == 0
-        pixels_shape = tf.shape(images, out_type=tf.int64)[1:]
-        pixels = tf.reduce_prod(pixels_shape)
-        padded = (pixels + 3) // 4 * 4  # Philox emits normals in groups of 4: align every sample
-
-        def body(c, counts):
-            start = c * chunk
-            sample_index = start + tf.range(chunk, dtype=tf.int64)
-            owner = tf.minimum(sample_index // num_samples, num_inputs - 1)
-            offset = tf.stack([start * (padded // 4), tf.constant(0, tf.int64)])
-            shifted = tf.bitcast(tf.bitcast(counter, tf.int64) + offset, tf.uint64)
-            if aligned:  # D = 4k: draw [chunk, H, W, C] directly (same elements, no copy)
-                noise = tf.raw_ops.StatelessRandomNormalV2(
-                    shape=tf.concat([[chunk], pixels_shape], axis=0), key=key, counter=shifted,
-                    alg=_PHILOX, dtype=tf.float32)
-            else:
-                noise = tf.raw_ops.StatelessRandomNormalV2(
-                    shape=tf.stack([chunk, padded]), key=key, counter=shifted, alg=_PHILOX,
-                    dtype=tf.float32)
-                noise = tf.reshape(noise[:, :pixels], tf.concat([[chunk], pixels_shape], axis=0))
-            noise = tf.ensure_shape(noise, [None, *static_pixels])
-            votes = self._votes(tf.gather(images, owner) + self.sigma * noise)
-            votes *= tf.cast(sample_index < total, tf.int32)[:, tf.newaxis]  # padding of last chunk
-            counts += tf.cast(tf.math.unsorted_segment_sum(votes, owner, num_inputs), tf.int64)
-            return c + 1, counts
-
-        counts = tf.zeros(tf.stack([num_inputs, tf.constant(self.num_classes, tf.int64)]), tf.int64)
-        _, counts = tf.while_loop(lambda c, _: c < num_chunks, body,
-                                  (tf.constant(0, tf.int64), counts),
-                                  shape_invariants=(tf.TensorShape([]),
-                                                    tf.TensorShape([None, self.num_classes])),
-                                  parallel_iterations=self.parallel_iterations)
-        return counts
+        return sampling.chunked_counts(self._votes, images, seed, num_samples, batch_size,
+                                       self.sigma, self.num_classes, self.parallel_iterations)
 
     def sample_range_counts(self, images: tf.Tensor, seed: tf.Tensor, start: Any, stop: Any,
                             stride: int, batch_size: int) -> tf.Tensor:
@@ -424,53 +248,11 @@ class Smooth:
         Sample j of image i is sample ``t = i·stride + j`` of the noise stream ``seed`` — the
         addressing of :meth:`sample_counts` with ``stride = num_samples`` — so the counts of
         ``[0, n)`` for a single image (i = 0) equal ``sample_counts(image, n, ...)``, and counts
-        of consecutive ranges add up to the counts of their union. ``start``/``stop`` are int64
-        scalars or ``[B]`` vectors (``stop ≤ start`` = no samples for that image, e.g. an image
-        that has already stopped); each chunk of at most ``batch_size`` samples belongs to one
-        image, so a short range costs one network call of its own length. This is the sampler of
-        the sequential procedures and of sharded (per-chunk) certification.
+        of consecutive ranges add up to the counts of their union (:func:`sampling.range_counts`).
+        The sampler of the sequential procedures and of sharded (per-chunk) certification.
         """
-        images = tf.convert_to_tensor(images, tf.float32)
-        num_inputs = tf.shape(images, out_type=tf.int64)[0]
-        start = tf.broadcast_to(tf.cast(start, tf.int64), [num_inputs])
-        stop = tf.broadcast_to(tf.cast(stop, tf.int64), [num_inputs])
-        lengths = tf.maximum(stop - start, 0)
-        chunk = tf.constant(batch_size, tf.int64)
-        chunks_per_image = (lengths + chunk - 1) // chunk
-        chunk_ends = tf.cumsum(chunks_per_image)
-        num_chunks = tf.reduce_sum(chunks_per_image)
-        key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=tf.cast(seed, tf.int64))
-        static_pixels = images.shape[1:]
-        pixels_shape = tf.shape(images, out_type=tf.int64)[1:]
-        pixels = tf.reduce_prod(pixels_shape)
-        padded = (pixels + 3) // 4 * 4
-
-        def body(c, counts):
-            owner = tf.searchsorted(chunk_ends, tf.reshape(c, [1]), side="right")[0]
-            first_chunk = chunk_ends[owner] - chunks_per_image[owner]
-            j0 = start[owner] + (c - first_chunk) * chunk
-            rows = tf.minimum(chunk, stop[owner] - j0)
-            t0 = tf.cast(owner, tf.int64) * stride + j0
-            offset = tf.stack([t0 * (padded // 4), tf.constant(0, tf.int64)])
-            shifted = tf.bitcast(tf.bitcast(counter, tf.int64) + offset, tf.uint64)
-            noise = tf.raw_ops.StatelessRandomNormalV2(
-                shape=tf.stack([rows, padded]), key=key, counter=shifted, alg=_PHILOX,
-                dtype=tf.float32)
-            noise = tf.reshape(noise[:, :pixels], tf.concat([[rows], pixels_shape], axis=0))
-            noise = tf.ensure_shape(noise, [None, *static_pixels])
-            votes = tf.reduce_sum(self._votes(images[owner][tf.newaxis] + self.sigma * noise),
-                                  axis=0)
-            counts = tf.tensor_scatter_nd_add(counts, [[owner]],
-                                              tf.cast(votes, tf.int64)[tf.newaxis])
-            return c + 1, counts
-
-        counts = tf.zeros(tf.stack([num_inputs, tf.constant(self.num_classes, tf.int64)]), tf.int64)
-        _, counts = tf.while_loop(lambda c, _: c < num_chunks, body,
-                                  (tf.constant(0, tf.int64), counts),
-                                  shape_invariants=(tf.TensorShape([]),
-                                                    tf.TensorShape([None, self.num_classes])),
-                                  parallel_iterations=self.parallel_iterations)
-        return counts
+        return sampling.range_counts(self._votes, images, seed, start, stop, stride, batch_size,
+                                     self.sigma, self.num_classes, self.parallel_iterations)
 
     # -- sequential CERTIFY (docs/sequential.md; statistics in smoothmix_tf.sequential) --------
     def certify_at(self, images: Any, radius: Any, alpha: float, n0: int = 100,
@@ -490,7 +272,7 @@ class Smooth:
         """
         settings = _sequential_settings(n0, max_n, alpha, batch_size, first_look, growth)
         radii = _check_radii(radius)
-        seed = _check_seed(seed)
+        seed = check_seed(seed)
         images = self.check_images(images)
         if radii.size not in (1, len(images)):
             raise fail(f"got {radii.size} radii for {len(images)} images",
@@ -518,10 +300,10 @@ class Smooth:
         from smoothmix_tf import sequential
 
         settings = _sequential_settings(n0, max_n, alpha, batch_size, first_look, growth)
-        settings["max_radius"] = sequential.check_max_radius(_as_float(max_radius))
+        settings["max_radius"] = sequential.check_max_radius(as_float(max_radius))
         settings["radius_tolerance"] = sequential.check_radius_tolerance(
-            _as_float(radius_tolerance))
-        seed = _check_seed(seed)
+            as_float(radius_tolerance))
+        seed = check_seed(seed)
         images = self.check_images(images)
         function = self._sequential_function("certify_sequential", settings)
         outputs = function(tf.constant(images), tf.constant(seed, tf.int64))
@@ -671,57 +453,14 @@ def _static_output_classes(network: keras.Model) -> int | None:
     return outputs[0].shape[-1]
 
 
-def _as_int(value: Any) -> Any:
-    """NumPy integers -> int (so that the shared checks accept them); anything else unchanged."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    return value
-
-
-def _as_float(value: Any) -> Any:
-    """NumPy reals -> float (so that the shared checks accept them); anything else unchanged."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
-def _check_settings_common(n: int, alpha: float, batch_size: int) -> None:
-    check_int_at_least("n (estimation noise samples)", _as_int(n), 1,
-                       "Pass n >= 1 noise samples, e.g. n=100000 (the paper's setting).")
-    check_sample_count("n (estimation noise samples)", _as_int(n))
-    check_open_unit("alpha (failure probability)", _as_float(alpha),
-                    "Pass alpha in (0, 1), e.g. alpha=0.001 (the paper's setting).")
-    check_int_at_least("batch_size (noise samples per network call)", _as_int(batch_size), 1,
-                       "Pass batch_size >= 1, e.g. 1000.")
-    check_noise_batch("batch_size (noise samples per network call)", _as_int(batch_size))
-
-
-def _check_certify_settings(n0: int, n: int, alpha: float, batch_size: int) -> None:
-    check_int_at_least("n0 (selection noise samples)", _as_int(n0), 1,
-                       "Pass n0 >= 1, e.g. n0=100 (the paper's setting).")
-    check_sample_count("n0 (selection noise samples)", _as_int(n0))
-    _check_settings_common(n, alpha, batch_size)
-
-
-def _check_predict_settings(n: int, alpha: float, batch_size: int) -> None:
-    _check_settings_common(n, alpha, batch_size)
-
-
-def _check_seed(seed: Any) -> int:
-    seed = _as_int(seed)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-        raise fail(f"seed must be an integer in [0, 2**63), got {seed!r}", "Pass e.g. seed=0.")
-    return seed
-
-
 def _sequential_settings(n0: int, max_n: int, alpha: float, batch_size: int, first_look: int,
                          growth: float) -> dict[str, Any]:
     """Checked settings of certify_at / certify_sequential (Python numbers, for the cache key)."""
     from smoothmix_tf import sequential
 
-    settings = {"n0": _as_int(n0), "max_n": _as_int(max_n), "alpha": _as_float(alpha),
-                "batch_size": _as_int(batch_size), "first_look": _as_int(first_look),
-                "growth": _as_float(growth)}
+    settings = {"n0": as_int(n0), "max_n": as_int(max_n), "alpha": as_float(alpha),
+                "batch_size": as_int(batch_size), "first_look": as_int(first_look),
+                "growth": as_float(growth)}
     sequential.check_sequential_settings(**settings)
     return settings
 

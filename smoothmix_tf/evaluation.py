@@ -44,12 +44,12 @@ def check_certification_settings(*, certify: bool, n0: int, n: int, alpha: float
                                  seed: Any, last_index: int = 0) -> None:
     """Every setting of a certification run, checked before any model or data is loaded; a bad
     seed is reported as the user gave it (not as a derived per-input seed)."""
-    from smoothmix_tf.certify import _check_certify_settings, _check_predict_settings
+    from smoothmix_tf._checks import check_certify_settings, check_predict_settings
 
     if certify:
-        _check_certify_settings(n0, n, alpha, batch_size)
+        check_certify_settings(n0, n, alpha, batch_size)
     else:
-        _check_predict_settings(n, alpha, batch_size)
+        check_predict_settings(n, alpha, batch_size)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
         raise fail(f"--seed {seed!r} is not an integer in [0, 2**63 - 1]", "Pass e.g. --seed 0.")
     largest = (MAX_SEED - max(last_index, 0)) // 1_000_003

@@ -39,7 +39,7 @@ from typing import Any
 import tensorflow as tf
 
 from smoothmix_tf._checks import check_int_at_least, check_non_negative, check_open_unit, fail
-from smoothmix_tf.certify import clopper_pearson_lower
+from smoothmix_tf.statistics import clopper_pearson_lower
 
 DEFAULT_FIRST_LOOK = 100
 DEFAULT_GROWTH = 2.0

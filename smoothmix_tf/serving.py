@@ -64,8 +64,8 @@ import tensorflow as tf
 from smoothmix_tf._checks import check_int_at_least, fail
 from smoothmix_tf.atomic import atomic_write_folder
 from smoothmix_tf.choices import DEFAULT_MAX_BATCH
-from smoothmix_tf.certify import (Smooth, _check_certify_settings, _check_predict_settings,
-                                  _check_seed)
+from smoothmix_tf._checks import check_certify_settings, check_predict_settings, check_seed
+from smoothmix_tf.certify import Smooth
 from smoothmix_tf.images import received_shape, validate_images
 
 FORMAT_VERSION = 1
@@ -481,9 +481,9 @@ def export(smooth: Smooth, path: str | Path, n0: int = 100, n: int = 100_000,
     if not isinstance(smooth, Smooth):
         raise fail(f"export needs a smoothmix_tf.Smooth, got {type(smooth).__name__}",
                    "Pass Smooth(base_network, num_classes, sigma).")
-    _check_certify_settings(n0, n, alpha, batch_size)
-    _check_predict_settings(n, alpha, batch_size)
-    seed = _check_seed(seed)
+    check_certify_settings(n0, n, alpha, batch_size)
+    check_predict_settings(n, alpha, batch_size)
+    seed = check_seed(seed)
     check_int_at_least("parallel_images", parallel_images, 1)
     check_int_at_least("max_batch", max_batch, 1, "Pass --max-batch >= 1 images per request.")
     target = Path(path)
@@ -523,8 +523,8 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, n0: int = 10
     """
     path = Path(out)
     _check_version_path(path, overwrite)  # before the (slow) checkpoint load
-    _check_certify_settings(n0, n, alpha, batch_size)
-    _check_seed(seed)
+    check_certify_settings(n0, n, alpha, batch_size)
+    check_seed(seed)
     from smoothmix_tf.training import load_trained
 
     base, trained_sigma, run_config = load_trained(checkpoint)

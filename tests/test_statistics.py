@@ -7,7 +7,7 @@ import pytest
 import scipy.stats as st
 import tensorflow as tf
 
-from smoothmix_tf.certify import binomial_test_two_sided, clopper_pearson_lower
+from smoothmix_tf.statistics import binomial_test_two_sided, clopper_pearson_lower
 
 ALPHAS = [1e-6, 1e-4, 1e-3, 0.01, 0.05, 0.3]
 
