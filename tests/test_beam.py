@@ -1,4 +1,4 @@
-"""Certification sharded on Apache Beam (smoothmix_tf/beam.py): the TSV of the in-process path,
+"""Certification sharded on Apache Beam (smoothmix_tf/beam/): the TSV of the in-process path,
 byte for byte but the time column, for any chunking, worker count, retry or re-run.
 
 Needs the optional extra (pip install -e '.[test,beam]'); without apache-beam every test here but

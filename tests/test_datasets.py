@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from _shared import SHARED, require
-from smoothmix_tf import datasets
+from smoothmix_tf import datasets, sources
 from smoothmix_tf._checks import SmoothMixError
 
 
@@ -262,15 +262,15 @@ def test_imagenet_train_transform_shape_range_and_seed():
 
 @pytest.fixture
 def fresh_tfds_cache():
-    datasets._tfds_arrays.cache_clear()
+    sources._tfds_arrays.cache_clear()
     yield
-    datasets._tfds_arrays.cache_clear()
+    sources._tfds_arrays.cache_clear()
 
 
 @pytest.mark.parametrize("name, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
 def test_tfds_path_under_mock_data(monkeypatch, tmp_path, fresh_tfds_cache, name, shape):
     tfds = pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setattr(datasets, "_can_reach", lambda *args, **kwargs: True)  # mock: no download
+    monkeypatch.setattr(sources, "_can_reach", lambda *args, **kwargs: True)  # mock: no download
     with tfds.testing.mock_data(num_examples=20):
         ds = datasets.load(name, "train", 8, seed=1, data_dir=str(tmp_path))
         batches = as_list(ds)
@@ -286,7 +286,7 @@ def test_tfds_path_under_mock_data(monkeypatch, tmp_path, fresh_tfds_cache, name
 
 def test_imagenet_under_mock_data_gives_224_crops(monkeypatch, tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setattr(datasets, "_can_reach", lambda *args, **kwargs: True)
+    monkeypatch.setattr(sources, "_can_reach", lambda *args, **kwargs: True)
     with tfds.testing.mock_data(num_examples=3):
         test = as_list(datasets.load("imagenet2012", "test", 2, data_dir=str(tmp_path)))
         train = as_list(datasets.load("imagenet2012", "train", 3, seed=2, data_dir=str(tmp_path)))
@@ -298,7 +298,7 @@ def test_imagenet_under_mock_data_gives_224_crops(monkeypatch, tmp_path):
 def test_unprepared_tfds_dataset_offline_fails_fast_naming_the_alternatives(monkeypatch, tmp_path,
                                                                              fresh_tfds_cache):
     pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setattr(datasets, "_can_reach", lambda *args, **kwargs: False)  # never download
+    monkeypatch.setattr(sources, "_can_reach", lambda *args, **kwargs: False)  # never download
     start = time.monotonic()
     with pytest.raises(SmoothMixError) as err:
         datasets.load("mnist", "train", 32, data_dir=str(tmp_path))
@@ -309,7 +309,7 @@ def test_unprepared_tfds_dataset_offline_fails_fast_naming_the_alternatives(monk
 
 def test_connectivity_probe_gives_up_quickly():
     start = time.monotonic()
-    assert datasets._can_reach("unreachable.invalid", timeout=1.0) is False
+    assert sources._can_reach("unreachable.invalid", timeout=1.0) is False
     assert time.monotonic() - start < 3
 
 

@@ -1,41 +1,13 @@
-"""Certification sharded on Apache Beam: the reference TSV of one process, from any number of workers.
-
-:class:`CertifyImages` is a ``PTransform`` from a PCollection of ``(index, image, label)`` to
-``(index, TSV line)`` — the line :func:`evaluation.run_certification` writes for that input, equal
-byte for byte in every column but ``time``. :func:`run_certify_pipeline` is the driver behind
-``smoothmix certify --runner beam``: it validates everything, runs the pipeline on any Beam runner
-(DirectRunner with several processes, Flink, Spark, Dataflow), and writes the merged TSV sorted by
-index plus a JSON sidecar, once, atomically, after the pipeline has succeeded. docs/scale.md is the
-user guide.
-
-Why a sharded run is bit-identical to one process (docs/scale.md, "Exact equivalence"):
-
-- the noise of sample j of stage s (selection, estimation, prediction) of input i is
-  counter-addressed in one Philox stream keyed by ``(input_seed(seed, i), s)``
-  (:meth:`Smooth.count_range`), so any chunk of samples can be drawn by any worker, in any order,
-  any number of times, and gets the same noise;
-- the votes of disjoint chunks are integer count vectors: their sum (a ``CombinePerKey``) equals
-  the counts of one pass, exactly, whatever the order of summation;
-- counts become a certificate in one place, :func:`certify.certificate` (PREDICT:
-  :func:`certify.prediction`), run as a ``tf.function`` with the same constants as in-process
-  CERTIFY, so p̲_A and the radius are the same float64/float32 bits.
-
-Work units. CERTIFY and PREDICT run as ``(image, stage, chunk of samples)`` units
-(``chunk`` samples each, default n); a per-image procedure (the extension point for the
-sequential tests, :data:`PER_IMAGE_PROCEDURES`) runs as one unit per image. The model is loaded
-once per worker process (``DoFn.setup`` + a process-wide cache) from ``checkpoint.keras`` through
-:func:`training.load_trained` — the same :class:`Smooth` code as the local path, hence the same
-counts; every worker checks the file's SHA-256 against the driver's. Workers have no side effects
-besides their Beam outputs, so a retried bundle changes nothing.
-"""
+"""The Beam ``PTransform`` :class:`CertifyImages` and its parts: the run :class:`Settings`, the
+:class:`ModelSource` workers load, ``(image, stage, chunk)`` work units, the DoFns counting and
+summing votes, and the final step shared with in-process CERTIFY / PREDICT (see the package
+docstring for why a sharded run equals one process)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import hashlib
-import io
-import json
 import logging
 import os
 import tempfile
@@ -44,28 +16,19 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import apache_beam as beam
 import numpy as np
-
-from smoothmix_tf._checks import SmoothMixError, check_choice, check_int_at_least, fail
-
-try:
-    import apache_beam as beam
-    from apache_beam.io.filesystems import FileSystems
-    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-except ImportError as error:  # the optional extra is not installed
-    raise fail(f"Apache Beam is not installed ({error})",
-               "Install the extra: pip install 'smoothmix-tf[beam]' (or run with --runner local)."
-               ) from error
-
 import tensorflow as tf
+from apache_beam.io.filesystems import FileSystems
 
-from smoothmix_tf import analysis, atomic, datasets, ownership
+from smoothmix_tf import analysis
+from smoothmix_tf._checks import check_choice, check_int_at_least, fail
+from smoothmix_tf.beam.files import file_sha256, read_bytes
 from smoothmix_tf.certify import Smooth, certificate, prediction
 from smoothmix_tf.evaluation import CERTIFY_COLUMNS, PREDICT_COLUMNS, input_seed
 
-LOG = logging.getLogger(__name__)
+LOG = logging.getLogger("smoothmix_tf.beam")  # one logger for the package (the driver sets it up)
 METRICS_NAMESPACE = "smoothmix"
-DIRECT_RUNNERS = ("direct", "directrunner")  # run on Beam's in-process batch engine, FnApiRunner
 FAULT_ONCE_ENV = "SMOOTHMIX_BEAM_TEST_FAULT_ONCE"  # test hook: path of a one-shot failure flag
 _STAGES = {"certify": ("selection", "estimation"), "predict": ("prediction",)}
 
@@ -147,7 +110,7 @@ class ModelSource:
     def _build(self) -> Smooth:
         from smoothmix_tf.training import load_trained
 
-        data = _read_bytes(self.path)
+        data = read_bytes(self.path)
         digest = hashlib.sha256(data).hexdigest()
         if digest != self.sha256:
             raise RuntimeError(f"{self.path} changed since the run started (SHA-256 {digest}, "
@@ -373,224 +336,3 @@ class CertifyImages(beam.PTransform):
                 | "CountVotes" >> beam.ParDo(_CountRange(self.model, self.settings))
                 | "SumVotes" >> beam.CombinePerKey(_SumVotes())
                 | "Decide" >> beam.ParDo(_Finish(self.model.sigma, self.settings)))
-
-
-# ------------------------------------------------------------------------------------------------
-# the driver
-# ------------------------------------------------------------------------------------------------
-def pipeline_options(beam_options: Sequence[str] = ()) -> tuple[PipelineOptions, str]:
-    """Beam pipeline options from ``--flag=value`` strings, checked before anything runs ->
-    (options, runner name). Unknown flags and unknown runners are errors; the DirectRunner is
-    Beam's batch engine ``FnApiRunner`` (what the DirectRunner runs batch jobs on, without its
-    attempt to fetch the Prism runner), so ``direct_num_workers`` / ``direct_running_mode`` apply.
-    """
-    flags = [str(flag) for flag in beam_options]
-    options = PipelineOptions(flags)
-    known = options.get_all_options()
-    unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - set(known))
-    if unknown:
-        raise fail(f"unknown Beam pipeline option(s): {', '.join('--' + u for u in unknown)}",
-                   "Pass Beam options as --beam-option=--name=value with names Beam knows "
-                   "(e.g. --runner=FlinkRunner, --direct_num_workers=2, "
-                   "--direct_running_mode=multi_processing).")
-    runner = options.view_as(StandardOptions).runner or "DirectRunner"
-    if runner.lower() in DIRECT_RUNNERS:
-        runner = "FnApiRunner"
-    from apache_beam.runners.runner import create_runner
-
-    try:
-        create_runner(runner)
-    except (ValueError, ImportError, AttributeError) as error:
-        raise fail(f"unknown or unavailable Beam runner {runner!r} ({error})",
-                   "Pass --beam-option=--runner=NAME with NAME one of DirectRunner, FlinkRunner, "
-                   "SparkRunner, DataflowRunner, PrismRunner (installed with its extra).") from None
-    options.view_as(StandardOptions).runner = runner
-    return options, runner
-
-
-def load_arrays(name: str, split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`datasets.load_arrays`, plus ``npz:URL`` on any Beam filesystem (``gs://``,
-    ``s3://``, ...), converted exactly as a local ``npz:`` file."""
-    if name.startswith("npz:") and FileSystems.get_scheme(name[4:]) not in (None, "file"):
-        return read_npz(name[4:], split)
-    return datasets.load_arrays(name, split, data_dir=data_dir)
-
-
-def read_npz(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """``x_<split>``, ``y_<split>`` of an ``.npz`` on any Beam filesystem -> (float32 NHWC images
-    in [0, 1], int64 labels), with the checks and conversion of a local ``npz:`` dataset."""
-    split = "train" if split == "train" else "test"
-    try:
-        archive = np.load(io.BytesIO(_read_bytes(path)), allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise fail(f"cannot read {path} as a .npz archive ({error})",
-                   "Pass npz:URL of a file written with numpy.savez.") from error
-    with archive:
-        missing = [key for key in (f"x_{split}", f"y_{split}") if key not in archive.files]
-        if missing:
-            raise fail(f"{path} lacks {', '.join(missing)} (it holds: {', '.join(archive.files)})",
-                       "Save the arrays as numpy.savez(PATH, x_train=..., y_train=..., x_test=..., "
-                       "y_test=...).")
-        images = datasets._npz_images(path, f"x_{split}", archive[f"x_{split}"])
-        labels = datasets._npz_labels(path, f"y_{split}", archive[f"y_{split}"], len(images))
-    if images.dtype == np.uint8:
-        images = images.astype(np.float32) / np.float32(255.0)
-    return images.astype(np.float32, copy=False), labels
-
-
-def run_certify_pipeline(smooth: Smooth, images: np.ndarray, labels: np.ndarray,
-                         indices: Sequence[int], out: str | Path, *, checkpoint: str | Path,
-                         certify: bool = True, n0: int = 100, n: int = 100_000,
-                         alpha: float = 0.001, batch_size: int = 1000, seed: int = 0,
-                         chunk: int | None = None, beam_options: Sequence[str] = (),
-                         procedure: str | None = None, progress: bool = True,
-                         config: dict[str, Any] | None = None) -> str:
-    """:func:`evaluation.run_certification` on Apache Beam -> the merged TSV's path.
-
-    Certifies ``images[indices]`` with the model of ``checkpoint`` (the file ``smooth`` was
-    loaded from) on the runner of ``beam_options``; part files go to ``<out>.parts/``, then the
-    driver writes ``out`` (rows sorted by index, the reference format) and ``<out>.json`` (the run
-    settings, the model's SHA-256, the runner), atomically. Bad settings, a missing checkpoint,
-    images the network cannot take and unknown runners or options fail before the pipeline starts.
-    """
-    settings = Settings(procedure or ("certify" if certify else "predict"), n0=n0, n=n,
-                        alpha=alpha, batch_size=batch_size, seed=seed, chunk=chunk).validate()
-    model = ModelSource.from_checkpoint(checkpoint, smooth)
-    indices = [int(i) for i in indices]
-    if not indices:
-        raise fail("no inputs to certify", "Select at least one input (check --skip / --max).")
-    if len(set(indices)) != len(indices) or min(indices) < 0 or max(indices) >= len(images):
-        raise fail(f"indices must be distinct and in [0, {len(images)}), got "
-                   f"{min(indices)}..{max(indices)} ({len(indices)} values)",
-                   "Pass each input's position in the dataset once.")
-    if len(labels) != len(images):
-        raise fail(f"{len(images)} images but {len(labels)} labels", "Pass one label per image.")
-    smooth.check_images(images[indices])  # shape, finiteness, [0, 1]: before anything runs
-    options, runner = pipeline_options(beam_options)
-    out = str(out)
-    if not _is_local(out):
-        return _run_and_merge(settings, model, images, labels, indices, out, options, runner,
-                              beam_options, progress, config)
-    ownership.check_output_file(out, Path(out).with_suffix(".json"))
-    with ownership.hold_lock(out):  # one writer of out, its parts and its sidecar
-        return _run_and_merge(settings, model, images, labels, indices, out, options, runner,
-                              beam_options, progress, config)
-
-
-def _run_and_merge(settings: "Settings", model: "ModelSource", images: np.ndarray,
-                   labels: np.ndarray, indices: list[int], out: str, options, runner: str,
-                   beam_options: Sequence[str], progress: bool,
-                   config: dict[str, Any] | None) -> str:
-    """Run the pipeline into ``<out>.parts/`` and write the merged TSV and its sidecar."""
-    parts = out + ".parts/part"
-    _delete_matching(parts + "*")  # parts of an earlier run must not be merged into this one
-    if progress and not LOG.handlers:  # a line per finished input (in-process workers)
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-        LOG.addHandler(handler)
-        LOG.setLevel(logging.INFO)
-        LOG.propagate = False
-
-    began = time.time()
-    pipeline = beam.Pipeline(options=options)
-    examples = [(i, images[i], int(labels[i])) for i in indices]
-    _ = (pipeline
-         | "Inputs" >> beam.Create(examples, reshuffle=False)
-         | "Certify" >> CertifyImages(model, settings)
-         | "Lines" >> beam.Values()
-         | "WriteParts" >> beam.io.WriteToText(parts, file_name_suffix=".tsv",
-                                               append_trailing_newlines=False))
-    result = pipeline.run()
-    result.wait_until_finish()
-    counters = _counters(result)
-    rows = merge_parts(parts + "*", settings.columns, indices)
-    record = {"procedure": settings.procedure, "certify": settings.procedure == "certify",
-              "n0": settings.n0 if settings.procedure == "certify" else None, "n": settings.n,
-              "alpha": settings.alpha, "batch_size": settings.batch_size, "seed": settings.seed,
-              "sigma": model.sigma, "num_inputs": len(indices), "chunk": settings.chunk,
-              "model_sha256": model.sha256, "checkpoint": model.path, "runner": runner,
-              "beam_options": list(beam_options), "precision": model.inference_dtype or "float32",
-              "parts": parts + "-*.tsv", "wall_seconds": round(time.time() - began, 3),
-              **counters, **(config or {})}
-    _write_text(str(Path(out).with_suffix(".json")) if _is_local(out)
-                else out.rsplit(".", 1)[0] + ".json", json.dumps(record, indent=2, default=str))
-    _write_text(out, "\t".join(settings.columns) + "\n" + "".join(rows))
-    if progress:
-        LOG.info("%d inputs, %s noise samples on %s -> %s", counters.get("images_done", 0),
-                 f"{counters.get('samples_drawn', 0):,}", runner, out)
-    return out
-
-
-def merge_parts(pattern: str, columns: Sequence[str], indices: Sequence[int]) -> list[str]:
-    """The lines of the part files matching ``pattern``, sorted by index, after checking that
-    they hold exactly one line per requested index."""
-    by_index: dict[int, str] = {}
-    for path in _matching(pattern):
-        for line in _read_bytes(path).decode("utf-8").splitlines(keepends=True):
-            index = int(line.split("\t", 1)[0])
-            if index in by_index:
-                raise RuntimeError(f"input {index} appears twice in the part files {pattern}")
-            by_index[index] = line
-    if sorted(by_index) != sorted(indices):
-        missing = sorted(set(indices) - set(by_index))[:10]
-        extra = sorted(set(by_index) - set(indices))[:10]
-        raise RuntimeError(f"the part files {pattern} do not hold one row per input (missing "
-                           f"{missing}, unexpected {extra})")
-    del columns  # every line was formatted with the run's columns by format_line
-    return [by_index[i] for i in sorted(by_index)]
-
-
-def _counters(result) -> dict[str, int]:
-    """Committed values of the run's counters (images_done, samples_drawn), where supported."""
-    try:
-        query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(
-            METRICS_NAMESPACE))
-    except Exception:  # noqa: BLE001 — some runners do not report metrics
-        return {}
-    totals: dict[str, int] = {}
-    for counter in query["counters"]:
-        value = counter.committed if counter.committed is not None else counter.attempted
-        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + int(value or 0)
-    return totals
-
-
-# ------------------------------------------------------------------------------------------------
-# files on any Beam filesystem
-# ------------------------------------------------------------------------------------------------
-def _is_local(path: str) -> bool:
-    return FileSystems.get_scheme(path) in (None, "file")
-
-
-def _read_bytes(path: str) -> bytes:
-    with FileSystems.open(path, compression_type="uncompressed") as handle:
-        return handle.read()
-
-
-def file_sha256(path: str) -> str:
-    """SHA-256 of a file on any Beam filesystem (the model hash of the sidecar)."""
-    return hashlib.sha256(_read_bytes(path)).hexdigest()
-
-
-def _matching(pattern: str) -> list[str]:
-    matches = FileSystems.match([pattern])[0].metadata_list
-    return sorted(m.path for m in matches)
-
-
-def _delete_matching(pattern: str) -> None:
-    paths = _matching(pattern)
-    if paths:
-        FileSystems.delete(paths)
-
-
-def _write_text(path: str, text: str) -> None:
-    """Write once, atomically: temporary file + rename locally; one object upload elsewhere."""
-    if _is_local(path):
-        atomic.atomic_write_text(path, text)
-        return
-    with FileSystems.create(path) as handle:
-        handle.write(text.encode("utf-8"))
-
-
-__all__ = ["CertifyImages", "ModelSource", "PER_IMAGE_PROCEDURES", "PerImageProcedure", "Settings",
-           "SmoothMixError", "decide", "load_arrays", "merge_parts", "pipeline_options",
-           "read_npz", "run_certify_pipeline", "work_units"]
