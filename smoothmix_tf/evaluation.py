@@ -19,7 +19,7 @@ from smoothmix_tf import analysis, ownership
 from smoothmix_tf._checks import fail
 from smoothmix_tf.atomic import atomic_write_text
 from smoothmix_tf.certify import Smooth
-from smoothmix_tf.seeds import CERTIFY_INPUT, derive_seed
+from smoothmix_tf.seeds import CERTIFY_INPUT, derive_seed, largest_seed
 
 CERTIFY_COLUMNS = ["idx", "label", "predict", "radius", "correct", "time"]
 PREDICT_COLUMNS = ["idx", "label", "predict", "correct", "time"]
@@ -52,10 +52,10 @@ def check_certification_settings(*, certify: bool, n0: int, n: int, alpha: float
         check_predict_settings(n, alpha, batch_size)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
         raise fail(f"--seed {seed!r} is not an integer in [0, 2**63 - 1]", "Pass e.g. --seed 0.")
-    largest = (MAX_SEED - max(last_index, 0)) // 1_000_003
+    largest = largest_seed(CERTIFY_INPUT, last_index, MAX_SEED)
     if seed > largest:
-        raise fail(f"--seed {seed} is too large: the noise seed of input i is "
-                   f"seed * 1,000,003 + i, which must stay below 2**63",
+        raise fail(f"--seed {seed} is too large: the noise seed of input i "
+                   f"({CERTIFY_INPUT.stride:,}·seed + i) must stay below 2**63",
                    f"Pass --seed <= {largest:,}.")
 
 

@@ -37,3 +37,9 @@ def derive_seed(seed: int, stream: SeedStream, index: int = 0) -> int:
     """The seed of item ``index`` of ``stream`` in the run seeded with ``seed``:
     ``seed · stream.stride + index``."""
     return int(seed) * stream.stride + int(index)
+
+
+def largest_seed(stream: SeedStream, last_index: int, limit: int = 2 ** 63 - 1) -> int:
+    """The largest run seed whose derived seeds for indices ``0..last_index`` stay ``<= limit``
+    (TensorFlow's stateless seeds are int64)."""
+    return (int(limit) - max(int(last_index), 0)) // stream.stride

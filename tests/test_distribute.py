@@ -24,7 +24,7 @@ from smoothmix_tf.distribute import (enable_multiworker_fit, is_multi_worker, ma
 from smoothmix_tf.model import SmoothedModel
 
 WORKER = Path(__file__).resolve().parent / "_distribute_worker.py"
-TIMEOUT_S = 90  # per subprocess; they take ~10-25 s on 2 idle cores
+TIMEOUT_S = 300  # per subprocess; they take ~10-25 s on 2 idle cores (far longer when loaded)
 
 
 def _run(args, out_path):

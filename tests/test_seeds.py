@@ -75,3 +75,12 @@ def test_no_seed_arithmetic_outside_seeds_module():
                  for number, line in enumerate(path.read_text().splitlines(), 1)
                  if pattern.search(line) and not line.lstrip().startswith("#")]
     assert not offenders, offenders
+
+
+def test_largest_seed_is_the_last_one_whose_derived_seeds_fit():
+    from smoothmix_tf.seeds import CERTIFY_INPUT, largest_seed
+
+    for last_index in (0, 9_999, 1_000_002):
+        largest = largest_seed(CERTIFY_INPUT, last_index)
+        assert derive_seed(largest, CERTIFY_INPUT, last_index) <= 2 ** 63 - 1
+        assert derive_seed(largest + 1, CERTIFY_INPUT, last_index) > 2 ** 63 - 1
