@@ -18,6 +18,7 @@ import time
 import keras
 import numpy as np
 import pytest
+from _helpers import write_bar_digits_npz
 
 from smoothmix_tf import ownership
 from smoothmix_tf._checks import SmoothMixError
@@ -50,19 +51,7 @@ def crash_at():
 
 @pytest.fixture(scope="module")
 def tiny_npz(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-
-    def make(n):
-        y = rng.integers(0, 10, n)
-        x = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
-        for c in range(10):
-            x[y == c, 2 + 2 * c: 4 + 2 * c, 4:24] = 230
-        return x, y.astype(np.uint8)
-
-    (xtr, ytr), (xte, yte) = make(64), make(16)
-    np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
-    return f"npz:{path}"
+    return write_bar_digits_npz(tmp_path_factory.mktemp("data") / "tiny.npz", 64, 16)
 
 
 def config(dataset, **kw):

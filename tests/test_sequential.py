@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import TENSORFLOW_ONLY_PRELUDE
 import scipy.stats as st
 import tensorflow as tf
 
@@ -208,14 +209,7 @@ def test_bad_sequential_settings(linear):
 # ------------------------------------------------------------------------------------------------
 # SavedModel signatures in a process that imports only tensorflow
 # ------------------------------------------------------------------------------------------------
-CHILD = textwrap.dedent("""
-    import importlib.abc, json, sys
-    BLOCKED = ("smoothmix_tf", "tensorflow_probability", "tf_keras")
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ImportError("blocked in this test: " + name)
-    sys.meta_path.insert(0, Block())
+CHILD = TENSORFLOW_ONLY_PRELUDE + textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
     export_dir, inputs_file, out_file = sys.argv[1:4]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import TENSORFLOW_ONLY_PRELUDE
 import scipy.stats as st
 import tensorflow as tf
 
@@ -112,14 +113,7 @@ def signature_inputs(name, images, images_uint8, seeds):
 # ------------------------------------------------------------------------------------------------
 # the SavedModel in a process that imports only tensorflow
 # ------------------------------------------------------------------------------------------------
-CHILD = textwrap.dedent("""
-    import importlib.abc, json, sys
-    BLOCKED = ("smoothmix_tf", "tensorflow_probability", "tf_keras")
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ImportError("blocked in this test: " + name)
-    sys.meta_path.insert(0, Block())
+CHILD = TENSORFLOW_ONLY_PRELUDE + textwrap.dedent("""
     import tensorflow as tf
     import numpy as np
     keras_after_import = {m for m in sys.modules if m.split(".")[0] == "keras"}
