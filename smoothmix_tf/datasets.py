@@ -29,6 +29,7 @@ from smoothmix_tf.sources import (  # noqa: F401 (re-exported: where the names l
     IMAGENET_CROP, MNIST5K_TEST_PER_CLASS, MNIST5K_TRAIN_PER_CLASS, NAMES, SPLITS,
     TFDS_SPLIT, VALIDATION_EVERY, DatasetInfo, check_limit, check_split, dataset_kind,
     holdout_mask, in_memory_split, info, mnist5k_path, tfds_builder)
+from smoothmix_tf.sources import unit_float_images
 
 AUGMENTATIONS: tuple[str, ...] = ("none", "crop_flip", "imagenet")
 CROP_PADDING = 4
@@ -264,6 +265,4 @@ def load_arrays(name: str, split: str, data_dir: str | None = None, limit: int |
         return (np.concatenate([b[0] for b in batches]).astype(np.float32),
                 np.concatenate([b[1] for b in batches]).astype(np.int64))
     images, labels = in_memory_split(kind, name, split, data_dir, holdout, limit)
-    if images.dtype == np.uint8:
-        images = images.astype(np.float32) / np.float32(255.0)
-    return images.astype(np.float32, copy=False), labels.astype(np.int64, copy=False)
+    return unit_float_images(images), labels.astype(np.int64, copy=False)

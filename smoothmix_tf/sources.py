@@ -206,6 +206,13 @@ def npz_images(path: str, key: str, images: np.ndarray) -> np.ndarray:
     raise fail(f"{path}: {key} has dtype {images.dtype}", "Save images as uint8 or float arrays.")
 
 
+def unit_float_images(images: np.ndarray) -> np.ndarray:
+    """Checked images (:func:`npz_images`) as float32 in [0, 1]: uint8 0..255 divided by 255."""
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / np.float32(255.0)
+    return images.astype(np.float32, copy=False)
+
+
 def npz_labels(path: str, key: str, labels: np.ndarray, count: int) -> np.ndarray:
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]

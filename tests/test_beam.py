@@ -268,6 +268,78 @@ def test_npz_through_beam_filesystems_equals_the_dataset_loader(tmp_path):
         sharded.read_npz(str(tmp_path / "bad.npz"), "test")
 
 
+def write_png_records(folder, images, labels, shards=2):
+    """tf.train.Example records (PNG-encoded ``image``, int64 ``label``) in ``shards`` files
+    named so that their sorted order is the input order."""
+    import tensorflow as tf
+
+    def feature(**kwargs):
+        return {key: tf.train.Feature(**value) for key, value in kwargs.items()}
+
+    for shard, part in enumerate(np.array_split(np.arange(len(images)), shards)):
+        with tf.io.TFRecordWriter(str(folder / f"test-{shard:05d}.tfrecord")) as writer:
+            for i in part:
+                png = tf.io.encode_png(images[i]).numpy()
+                example = tf.train.Example(features=tf.train.Features(feature=feature(
+                    image={"bytes_list": tf.train.BytesList(value=[png])},
+                    label={"int64_list": tf.train.Int64List(value=[int(labels[i])])})))
+                writer.write(example.SerializeToString())
+    return f"tfrecord:{folder}/test-*.tfrecord"
+
+
+@needs_beam
+def test_tfrecord_png_inputs_equal_the_npz_inputs(tmp_path, monkeypatch, model_file, data):
+    """``tfrecord:`` PNG records of the fixture images load as the same arrays as a ``npz:`` file
+    of them, and ``certify --runner beam`` writes the same TSV from either."""
+    from smoothmix_tf import beam as sharded
+    from smoothmix_tf import datasets
+    from smoothmix_tf.cli import main
+
+    pixels = np.round(data[0] * 255).astype(np.uint8)  # PNG holds 8-bit pixels
+    labels = data[1]
+    npz = tmp_path / "inputs.npz"
+    np.savez(npz, x_train=pixels, y_train=labels, x_test=pixels, y_test=labels)
+    (tmp_path / "records").mkdir()
+    name = write_png_records(tmp_path / "records", pixels, labels)
+    images, loaded_labels = sharded.load_arrays(name, "test")
+    np.testing.assert_array_equal(images, pixels.astype(np.float32) / np.float32(255.0))
+    np.testing.assert_array_equal(loaded_labels, labels)
+    assert images.dtype == np.float32 and loaded_labels.dtype == np.int64
+    local = datasets.load_arrays(f"npz:{npz}", "test")
+    np.testing.assert_array_equal(images, local[0])
+    with monkeypatch.context() as patch:  # the gs:// / s3:// path: bytes via FileSystems.open
+        patch.setattr("smoothmix_tf.beam.files.is_local", lambda path: False)
+        np.testing.assert_array_equal(sharded.load_arrays(name, "test")[0], images)
+
+    common = ["certify", "--checkpoint", str(model_file), "--sigma", str(SIGMA), "--n0", str(N0),
+              "--n", str(N), "--alpha", str(ALPHA), "--batch", str(BATCH), "--seed", str(SEED),
+              "--max", "3", "--runner", "beam"]
+    assert main([*common, "--dataset", f"npz:{npz}", "--out", str(tmp_path / "npz.tsv")]) == 0
+    assert main([*common, "--dataset", name, "--out", str(tmp_path / "tfrecord.tsv")]) == 0
+    expected = without_time((tmp_path / "npz.tsv").read_text())
+    assert without_time((tmp_path / "tfrecord.tsv").read_text()) == expected and len(expected) == 4
+
+
+@needs_beam
+def test_tfrecord_bad_inputs(tmp_path, data):
+    import tensorflow as tf
+
+    from smoothmix_tf import beam as sharded
+
+    with pytest.raises(SmoothMixError, match="no file matches"):
+        sharded.load_arrays(f"tfrecord:{tmp_path}/none-*.tfrecord", "test")
+    pixels = np.round(data[0] * 255).astype(np.uint8)
+    name = write_png_records(tmp_path, pixels, -np.ones(NUM_IMAGES, np.int64), shards=1)
+    with pytest.raises(SmoothMixError, match="negative labels"):
+        sharded.load_arrays(name, "test")
+    with pytest.raises(SmoothMixError, match="no split is selected"):
+        sharded.load_arrays(name, "train")
+    with tf.io.TFRecordWriter(str(tmp_path / "test-00000.tfrecord")) as writer:
+        writer.write(tf.train.Example().SerializeToString())
+    with pytest.raises(SmoothMixError, match=r"record 0 lacks .*'image'.*'label'"):
+        sharded.load_arrays(name, "test")
+
+
 @needs_beam
 def test_cli_runner_beam_writes_the_local_tsv(tmp_path, model_file, data, capsys):
     from smoothmix_tf.cli import main

@@ -46,7 +46,8 @@ except ImportError as error:  # the optional extra is not installed
                "Install the extra: pip install 'smoothmix-tf[beam]' (or run with --runner local)."
                ) from error
 
-from smoothmix_tf.beam.files import file_sha256, load_arrays, read_npz  # noqa: E402
+from smoothmix_tf.beam.files import (  # noqa: E402
+    file_sha256, load_arrays, read_npz, read_tfrecords)
 from smoothmix_tf.beam.pipeline import (  # noqa: E402
     DIRECT_RUNNERS, merge_parts, pipeline_options, run_certify_pipeline)
 from smoothmix_tf.beam.transforms import (  # noqa: E402
@@ -55,4 +56,4 @@ from smoothmix_tf.beam.transforms import (  # noqa: E402
 
 __all__ = ["CertifyImages", "ModelSource", "PER_IMAGE_PROCEDURES", "PerImageProcedure", "Settings",
            "SmoothMixError", "decide", "load_arrays", "merge_parts", "pipeline_options",
-           "read_npz", "run_certify_pipeline", "work_units"]
+           "read_npz", "read_tfrecords", "run_certify_pipeline", "work_units"]
