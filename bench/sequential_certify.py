@@ -207,7 +207,8 @@ def fewer(n: int, mean_samples: float) -> str:
 
 SEQUENTIAL_LABELS = {"sequential": "certify_sequential max_radius={last:g} (tolerance rule)",
                      "sequential (no max)": "certify_sequential max_radius=None",
-                     "sequential (grid)": "certify_sequential radii=0, 0.25, …, {last:g} (grid rule)"}
+                     "sequential (grid)":
+                         "certify_sequential radii=0, 0.25, …, {last:g} (grid rule)"}
 
 
 def markdown(results: list[dict], args, machine: str) -> str:

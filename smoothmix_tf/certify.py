@@ -515,8 +515,8 @@ class Smooth:
         defaults to their maximum) replaces the tolerance by the grid rule: stop as soon as no
         grid radius above the current radius can still be reached — even an optimistic forecast
         (p̂ + 2 standard deviations) of the last look's bound falls short of the next one
-        (docs/sequential.md, "The grid rule"). Guarantee: per image, P[class c ≠ −1 returned while g(x + e) = c fails for some
-        ‖e‖₂ < radius] ≤ alpha, whatever the stopping time. With ``first_look = max_n`` this is
+        (docs/sequential.md, "The grid rule"). Guarantee: per image, P[class c ≠ −1 returned
+        while g(x + e) = c fails for some ‖e‖₂ < radius] ≤ alpha, whatever the stopping time. With ``first_look = max_n`` this is
         CERTIFY with n = max_n exactly (same samples, same bound). Returns ``classes`` (−1
         abstain), ``radius`` float32, ``samples``, ``p_lower`` float64, ``count``, ``guess``.
         """

@@ -310,9 +310,10 @@ def check_max_radius(max_radius: float | None) -> float | None:
     return float(max_radius)
 
 
-__all__ = ["DEFAULT_FIRST_LOOK", "DEFAULT_GROWTH", "DEFAULT_RADIUS_TOLERANCE", "alpha_schedule",
-           "certify_at_stop", "check_max_radius", "check_radii_grid", "check_radius",
-           "check_radius_tolerance", "check_sequential_settings", "clopper_pearson_upper",
-           "expected_final_lower", "grid_stop", "grid_thresholds", "look_schedule",
-           "optimistic_final_lower", "DEFAULT_GRID_OPTIMISM", "max_radius_at", "projected_final_lower", "radius_from_lower",
-           "run_looks", "sequential_stop"]
+__all__ = ["DEFAULT_FIRST_LOOK", "DEFAULT_GRID_OPTIMISM", "DEFAULT_GROWTH",
+           "DEFAULT_RADIUS_TOLERANCE", "alpha_schedule", "certify_at_stop", "check_max_radius",
+           "check_radii_grid", "check_radius", "check_radius_tolerance",
+           "check_sequential_settings", "clopper_pearson_upper", "expected_final_lower",
+           "grid_stop", "grid_thresholds", "look_schedule", "max_radius_at",
+           "optimistic_final_lower", "projected_final_lower", "radius_from_lower", "run_looks",
+           "sequential_stop"]
