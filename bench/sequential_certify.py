@@ -8,8 +8,13 @@ image is certified, one image per call with its own seed (``evaluation.input_see
 - ``Smooth.certify_at`` at each radius of ``--radii`` (max_n = N): agreement with CERTIFY's set of
   images certified at r (radius ≥ r, not abstaining), mean estimation samples;
 - ``Smooth.certify_sequential`` with ``max_radius`` = the last radius of the paper's table for σ
-  (σ = 1.0: 2.75, σ = 0.5: 1.5; ``--max-radius SIGMA=R`` to change) and with ``max_radius=None``:
-  certified accuracy at every radius of the grid 0, 0.25, …, max_radius vs CERTIFY's, mean samples.
+  (σ = 1.0: 2.75, σ = 0.5: 1.5; ``--max-radius SIGMA=R`` to change) and with ``max_radius=None``
+  (the radius-tolerance rule), and with ``radii`` = the grid 0, 0.25, …, max_radius (the grid
+  rule): certified accuracy at every radius of that grid vs CERTIFY's, mean samples.
+
+``--procedures`` picks which to run (CERTIFY always); ``--reuse FILE…`` takes the per-image rows of
+earlier outputs of this script (same checkpoint, same settings) instead of recomputing them: every
+reused row keeps ``"reused": true`` and the summary counts them.
 
 The procedures are interleaved image by image (a busy machine slows all of them alike); the first
 image of each procedure is run once untimed (tracing). Wall-clock: total and median seconds per
@@ -34,6 +39,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_line, markdown_table  # noqa: E402
 
 PAPER_LAST_RADIUS = {1.0: 2.75, 0.5: 1.5, 0.25: 1.0}
+PROCEDURES = ("certify_at", "sequential", "sequential (no max)", "sequential (grid)")
+SEQUENTIAL = ("sequential", "sequential (no max)", "sequential (grid)")
+
+
+def grid_of(last: float) -> list[float]:
+    """The certified-accuracy grid 0, 0.25, …, last."""
+    return [0.25 * k for k in range(int(round(last / 0.25)) + 1)]
+
+
+def reused_rows(files: list[str], checkpoint: str, args) -> dict:
+    """{procedure: {idx: row}} from earlier outputs of this script for ``checkpoint`` (their
+    n0, n, alpha, seed must be this run's)."""
+    found: dict = {}
+    for file in files:
+        record = json.loads(Path(file).read_text())
+        for key in ("n0", "n", "alpha", "seed"):
+            if record["settings"][key] != getattr(args, key):
+                raise SystemExit(f"{file}: {key}={record['settings'][key]} differs from this "
+                                 f"run's {getattr(args, key)}; reuse only identical settings")
+        for result in record["results"]:
+            if result["checkpoint"] != checkpoint:
+                continue
+            for name, rows in result["rows"].items():
+                for row in rows:
+                    found.setdefault(name, {})[row["idx"]] = {**row, "reused": True}
+    return found
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="radii of certify_at (default 0.25 0.5 1.0 1.5 2.0)")
     p.add_argument("--max-radius", nargs="*", default=[], metavar="SIGMA=R",
                    help="max_radius per σ (default σ=1.0: 2.75, σ=0.5: 1.5)")
+    p.add_argument("--procedures", nargs="+", default=list(PROCEDURES), choices=PROCEDURES,
+                   help="procedures besides CERTIFY (default all)")
+    p.add_argument("--reuse", nargs="*", default=[], metavar="JSON",
+                   help="earlier outputs whose per-image rows are reused (marked reused)")
     p.add_argument("--batch", type=int, default=1000, help="noise samples per network call")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     p.add_argument("--out", default="docs/benchmarks/sequential-certify",
@@ -74,17 +109,26 @@ def run_checkpoint(checkpoint: str, x: np.ndarray, y: np.ndarray, args, max_radi
     common = {"alpha": args.alpha, "n0": args.n0, "batch_size": args.batch}
     procedures = {"certify": lambda im, s: smooth.certify_details(
         im, args.n0, args.n, args.alpha, args.batch, seed=s)}
-    for r in args.radii:
-        procedures[f"at {r:g}"] = (lambda r: lambda im, s: smooth.certify_at(
-            im, r, max_n=args.n, seed=s, **common))(r)
+    if "certify_at" in args.procedures:
+        for r in args.radii:
+            procedures[f"at {r:g}"] = (lambda r: lambda im, s: smooth.certify_at(
+                im, r, max_n=args.n, seed=s, **common))(r)
     for name, mr in (("sequential", last), ("sequential (no max)", None)):
-        procedures[name] = (lambda mr: lambda im, s: smooth.certify_sequential(
-            im, max_n=args.n, max_radius=mr, seed=s, **common))(mr)
+        if name in args.procedures:
+            procedures[name] = (lambda mr: lambda im, s: smooth.certify_sequential(
+                im, max_n=args.n, max_radius=mr, seed=s, **common))(mr)
+    if "sequential (grid)" in args.procedures:
+        procedures["sequential (grid)"] = lambda im, s: smooth.certify_sequential(
+            im, max_n=args.n, radii=grid_of(last), seed=s, **common)
+    reuse = reused_rows(args.reuse, checkpoint, args)
     for fn in procedures.values():  # trace every function once, untimed
         fn(x[:1], 10 ** 9)
     rows = {name: [] for name in procedures}
     for i in range(args.images):
         for name, fn in procedures.items():
+            if i in reuse.get(name, {}):
+                rows[name].append(reuse[name][i])
+                continue
             start = time.perf_counter()
             out = fn(x[i:i + 1], input_seed(args.seed, i))
             seconds = time.perf_counter() - start
@@ -110,10 +154,12 @@ def summarize(rows: dict, args, last: float) -> dict:
     base_radius, base_class = column("certify", "radius"), column("certify", "class")
     labels = column("certify", "label")
     base_seconds = column("certify", "seconds")
-    summary = {"certify": {"mean_samples": float(args.n),
+    summary = {"reused_rows": {name: int(sum(row.get("reused", False) for row in rows[name]))
+                               for name in rows},
+               "certify": {"mean_samples": float(args.n),
                            "median_seconds": float(np.median(base_seconds)),
                            "total_seconds": float(base_seconds.sum())}}
-    for r in args.radii:
+    for r in (args.radii if "at %g" % args.radii[0] in rows else []):
         name = f"at {r:g}"
         certified, seconds = column(name, "certified"), column(name, "seconds")
         reference = (base_class >= 0) & (base_radius >= r)
@@ -127,11 +173,13 @@ def summarize(rows: dict, args, last: float) -> dict:
                                                              base_class == labels, r),
             "median_seconds": float(np.median(seconds)), "total_seconds": float(seconds.sum()),
             "wall_clock_ratio": float(base_seconds.sum() / seconds.sum())}
-    at_means = [summary[f"at {r:g}"]["mean_samples"] for r in args.radii]
-    summary["certify_at_average"] = {"mean_samples": float(np.mean(at_means)),
-                                     "reduction": float(args.n / np.mean(at_means))}
-    grid = [0.25 * k for k in range(int(round(last / 0.25)) + 1)]
-    for name in ("sequential", "sequential (no max)"):
+    at_means = [summary[f"at {r:g}"]["mean_samples"] for r in args.radii
+                if f"at {r:g}" in summary]
+    if at_means:
+        summary["certify_at_average"] = {"mean_samples": float(np.mean(at_means)),
+                                         "reduction": float(args.n / np.mean(at_means))}
+    grid = grid_of(last)
+    for name in (name for name in SEQUENTIAL if name in rows):
         radius, cls, seconds = column(name, "radius"), column(name, "class"), column(name,
                                                                                       "seconds")
         ours = [certified_accuracy(radius, cls == labels, r) for r in grid]
@@ -142,6 +190,11 @@ def summarize(rows: dict, args, last: float) -> dict:
             "reduction": float(args.n / column(name, "samples").mean()),
             "grid": grid, "certified_accuracy": ours, "certify_certified_accuracy": theirs,
             "max_abs_difference_pp": float(100 * max(abs(a - b) for a, b in zip(ours, theirs))),
+            # per grid radius: images CERTIFY certifies correctly there and we do not, and back
+            "losses": [int(np.sum((base_class == labels) & (base_radius >= r)
+                                  & ~((cls == labels) & (radius >= r)))) for r in grid],
+            "gains": [int(np.sum(~((base_class == labels) & (base_radius >= r))
+                                 & (cls == labels) & (radius >= r))) for r in grid],
             "median_seconds": float(np.median(seconds)), "total_seconds": float(seconds.sum()),
             "wall_clock_ratio": float(base_seconds.sum() / seconds.sum())}
     return summary
@@ -152,45 +205,57 @@ def fewer(n: int, mean_samples: float) -> str:
     return f"{n / mean_samples:.1f}×" if mean_samples > 0 else "no samples"
 
 
+SEQUENTIAL_LABELS = {"sequential": "certify_sequential max_radius={last:g} (tolerance rule)",
+                     "sequential (no max)": "certify_sequential max_radius=None",
+                     "sequential (grid)":
+                         "certify_sequential radii=0, 0.25, …, {last:g} (grid rule)"}
+
+
 def markdown(results: list[dict], args, machine: str) -> str:
     lines = [f"# Sequential CERTIFY vs CERTIFY (N = {args.n:,}, α = {args.alpha})", "",
              f"MNIST test images from the first, one image per call; {machine} (at the "
-             "start).", ""]
+             "start). Rows reused from earlier runs of this script (same checkpoint, seeds and "
+             "settings; their seconds were measured then): "
+             + "; ".join(f"σ = {r['sigma']}: " + ", ".join(
+                 f"{name} {count}" for name, count in r["summary"]["reused_rows"].items())
+                 for r in results) + ".", ""]
     for result in results:
-        s, sigma = result["summary"], result["sigma"]
+        s, sigma, last = result["summary"], result["sigma"], result["max_radius"]
         lines += [f"## σ = {sigma} ({result['checkpoint']}), first {result['images_done']} "
                   "test images", ""]
         rows = [["CERTIFY", f"{args.n:,}", "1.0×", "—", "—",
                  f"{s['certify']['median_seconds']:.2f}", "1.0×"]]
         for r in args.radii:
+            if f"at {r:g}" not in s:
+                continue
             a = s[f"at {r:g}"]
             rows.append([f"certify_at r = {r:g}", f"{a['mean_samples']:,.0f}",
                          fewer(args.n, a["mean_samples"]),
                          f"{a['certified']} / {a['certify_certified']}",
                          f"{a['disagreements']}", f"{a['median_seconds']:.2f}",
                          f"{a['wall_clock_ratio']:.1f}×"])
-        avg = s["certify_at_average"]
-        rows.append(["certify_at, average over radii", f"{avg['mean_samples']:,.0f}",
-                     f"{avg['reduction']:.1f}×", "", "", "", ""])
-        for name in ("sequential", "sequential (no max)"):
+        if "certify_at_average" in s:
+            avg = s["certify_at_average"]
+            rows.append(["certify_at, average over radii", f"{avg['mean_samples']:,.0f}",
+                         f"{avg['reduction']:.1f}×", "", "", "", ""])
+        names = [name for name in SEQUENTIAL if name in s]
+        for name in names:
             q = s[name]
-            label = (f"certify_sequential max_radius={result['max_radius']:g}"
-                     if name == "sequential" else "certify_sequential max_radius=None")
-            rows.append([label, f"{q['mean_samples']:,.0f}", f"{q['reduction']:.1f}×", "",
+            rows.append([SEQUENTIAL_LABELS[name].format(last=last), f"{q['mean_samples']:,.0f}",
+                         f"{q['reduction']:.1f}×", f"lost {sum(q['losses'])}, "
+                         f"gained {sum(q['gains'])} (image, radius) pairs",
                          f"max {q['max_abs_difference_pp']:.1f} pp", f"{q['median_seconds']:.2f}",
                          f"{q['wall_clock_ratio']:.1f}×"])
         lines.append(markdown_table(
             ["procedure", "mean samples / image", "fewer samples", "certified (ours / CERTIFY)",
              "disagreements with CERTIFY", "median s / image", "wall-clock speed-up"], rows))
-        q = s["sequential"]
-        lines += ["", "Certified accuracy (%), CERTIFY vs certify_sequential "
-                  f"(max_radius={result['max_radius']:g}) vs certify_sequential (None):", ""]
+        q = s[names[0]]
+        lines += ["", "Certified accuracy (%) at the grid radii:", ""]
         lines.append(markdown_table(
             ["radius", *[f"{r:.2f}" for r in q["grid"]]],
-            [["CERTIFY", *[f"{100 * v:.1f}" for v in q["certify_certified_accuracy"]]],
-             ["sequential", *[f"{100 * v:.1f}" for v in q["certified_accuracy"]]],
-             ["sequential (None)",
-              *[f"{100 * v:.1f}" for v in s["sequential (no max)"]["certified_accuracy"]]]]))
+            [["CERTIFY", *[f"{100 * v:.1f}" for v in q["certify_certified_accuracy"]]]]
+            + [[name, *[f"{100 * v:.1f}" for v in s[name]["certified_accuracy"]]]
+               for name in names]))
         lines.append("")
     return "\n".join(lines) + "\n"
 

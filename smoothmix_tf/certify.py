@@ -285,15 +285,20 @@ class Smooth:
     def certify_sequential(self, images: Any, alpha: float, n0: int = 100, max_n: int = 100_000,
                            max_radius: float | None = None, radius_tolerance: float = 0.05,
                            batch_size: int = 1000, seed: int = 0, *, first_look: int = 100,
-                           growth: float = 2.0) -> dict[str, np.ndarray]:
+                           growth: float = 2.0,
+                           radii: Any = None) -> dict[str, np.ndarray]:
         """Sequential CERTIFY: the largest certifiable radius from as few samples as it needs.
 
         Same selection, looks and anytime-valid bound as :meth:`certify_at`; an image stops at
         the first look where its radius σ·Φ⁻¹(max_k p̲_k) reaches ``max_radius`` (None = no
         limit), or where continuing to ``max_n`` is not expected to raise it by more than
-        ``radius_tolerance``·σ (forecast from the upper confidence bound), or at max_n.
-        Guarantee: per image, P[class c ≠ −1 returned while g(x + e) = c fails for some
-        ‖e‖₂ < radius] ≤ alpha, whatever the stopping time. With ``first_look = max_n`` this is
+        ``radius_tolerance``·σ (forecast from the current estimate), or at max_n.
+        ``radii`` (the radii you report, e.g. a certified-accuracy table's grid; ``max_radius``
+        defaults to their maximum) replaces the tolerance by the grid rule: stop as soon as no
+        grid radius above the current radius can still be reached — even an optimistic forecast
+        (p̂ + 2 standard deviations) of the last look's bound falls short of the next one
+        (docs/sequential.md, "The grid rule"). Guarantee: per image, P[class c ≠ −1 returned
+        while g(x + e) = c fails for some ‖e‖₂ < radius] ≤ alpha, whatever the stopping time. With ``first_look = max_n`` this is
         CERTIFY with n = max_n exactly (same samples, same bound). Returns ``classes`` (−1
         abstain), ``radius`` float32, ``samples``, ``p_lower`` float64, ``count``, ``guess``.
         """
@@ -303,6 +308,9 @@ class Smooth:
         settings["max_radius"] = sequential.check_max_radius(as_float(max_radius))
         settings["radius_tolerance"] = sequential.check_radius_tolerance(
             as_float(radius_tolerance))
+        if radii is not None:
+            settings["radii"], settings["max_radius"] = sequential.check_radii_grid(
+                radii, settings["max_radius"])
         seed = check_seed(seed)
         images = self.check_images(images)
         function = self._sequential_function("certify_sequential", settings)
@@ -335,8 +343,10 @@ class Smooth:
     def certify_sequential_graph(self, images: tf.Tensor, seed: tf.Tensor, n0: int, max_n: int,
                                  alpha: float, batch_size: int, max_radius: float | None = None,
                                  radius_tolerance: float = 0.05, first_look: int = 100,
-                                 growth: float = 2.0) -> dict[str, tf.Tensor]:
-        """:meth:`certify_sequential` in TF ops (settings baked in as Python constants)."""
+                                 growth: float = 2.0,
+                                 radii: tuple[float, ...] | None = None) -> dict[str, tf.Tensor]:
+        """:meth:`certify_sequential` in TF ops (settings baked in as Python constants; ``radii``
+        given: the grid rule, with max_radius = max(radii) unless given)."""
         from smoothmix_tf import sequential
 
         looks = sequential.check_sequential_settings(n0, max_n, alpha, batch_size, first_look,
@@ -344,8 +354,13 @@ class Smooth:
         alphas = sequential.alpha_schedule(alpha, len(looks))
         images = self.validate_images_graph(images)
         guess, sample_votes = self._sequential_sampler(images, seed, n0, max_n, batch_size)
-        rule = sequential.sequential_stop(self.sigma, max_n, alphas[-1], max_radius,
-                                          radius_tolerance)
+        if radii is not None:
+            grid, _ = sequential.check_radii_grid(radii, max_radius)
+            rule = sequential.grid_stop(sequential.grid_thresholds(grid, self.sigma), max_n,
+                                        alphas[-1])
+        else:
+            rule = sequential.sequential_stop(self.sigma, max_n, alphas[-1], max_radius,
+                                              radius_tolerance)
         found = sequential.run_looks(sample_votes, tf.ones_like(guess, tf.bool), looks, alphas,
                                      rule)
         radius = sequential.radius_from_lower(found["p_lower"], self.sigma)

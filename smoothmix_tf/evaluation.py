@@ -31,7 +31,8 @@ PROCEDURES = ("certify", "sequential")
 # ``batch_size`` changes speed only; ``skip``/``max`` only choose which inputs get a row (the row of
 # input i depends on (seed, i), not on the others), so they may change on resume.
 RESULT_FIELDS = ["certify", "n0", "n", "alpha", "seed", "sigma", "checkpoint_sha256", "dataset",
-                 "split", "precision", "procedure", "max_n", "radius", "max_radius"]
+                 "split", "precision", "procedure", "max_n", "radius", "max_radius",
+                 "radii"]
 MAX_SEED = 2 ** 63 - 1
 
 
@@ -112,7 +113,8 @@ def run_certification(smooth: Smooth, images: np.ndarray, labels: np.ndarray,
                       batch_size: int = 1000, seed: int = 0, resume: bool = False,
                       progress: bool = True, config: dict[str, Any] | None = None,
                       procedure: str = "certify", radius: float | None = None,
-                      max_n: int | None = None, max_radius: float | None = None) -> Path:
+                      max_n: int | None = None, max_radius: float | None = None,
+                      radii: Sequence[float] | None = None) -> Path:
     """CERTIFY (or PREDICT) ``images[indices]`` and write the reference TSV to ``out``.
 
     ``config`` (the run's settings) is written beside the TSV as ``<out>.json`` (with the
@@ -122,14 +124,15 @@ def run_certification(smooth: Smooth, images: np.ndarray, labels: np.ndarray,
 
     ``procedure="sequential"`` (with ``certify``) runs sequential CERTIFY instead
     (docs/sequential.md): ``Smooth.certify_sequential`` with ``max_n`` (default ``n``) and
-    ``max_radius``, or with ``radius`` the decision ``Smooth.certify_at`` (a certified row has
+    ``max_radius`` (and ``radii``, the reported grid: the grid rule), or with ``radius`` the
+    decision ``Smooth.certify_at`` (a certified row has
     radius = ``radius``, the others predict −1 and radius 0); the TSV gets a ``samples`` column.
     """
     from smoothmix_tf._checks import check_choice
 
     check_choice("procedure", procedure, PROCEDURES)
-    if procedure != "sequential" and (radius, max_n, max_radius) != (None, None, None):
-        raise fail("radius / max_n / max_radius are settings of sequential certification",
+    if procedure != "sequential" and (radius, max_n, max_radius, radii) != (None,) * 4:
+        raise fail("radius / max_n / max_radius / radii are settings of sequential certification",
                    "Add --sequential (procedure='sequential'), or drop them.")
     sequential = certify and procedure == "sequential"
     max_n = n if max_n is None else max_n
@@ -141,6 +144,12 @@ def run_certification(smooth: Smooth, images: np.ndarray, labels: np.ndarray,
         checks.check_max_radius(max_radius)
         if radius is not None:
             checks.check_radius(radius)
+        if radii is not None:
+            if radius is not None:
+                raise fail("radius and radii were both given",
+                           "Pass radius (one decision) or radii (the grid rule), not both.")
+            radii = sorted(float(r) for r in radii)
+            checks.check_radii_grid(radii, max_radius)
     out = Path(out)
     sidecar = out.with_suffix(".json")
     ownership.check_output_file(out, sidecar)
@@ -152,7 +161,8 @@ def run_certification(smooth: Smooth, images: np.ndarray, labels: np.ndarray,
               "batch_size": batch_size, "seed": seed, "sigma": smooth.sigma,
               "num_inputs": len(indices), **(config or {})}
     if sequential:
-        record.update(procedure="sequential", max_n=max_n, radius=radius, max_radius=max_radius)
+        record.update(procedure="sequential", max_n=max_n, radius=radius, max_radius=max_radius,
+                      radii=radii)
     if (config or {}).get("checkpoint") is not None:
         record["checkpoint_sha256"] = checkpoint_digest(config["checkpoint"])
     record["settings_hash"] = ownership.settings_hash({k: record.get(k) for k in RESULT_FIELDS})
@@ -167,7 +177,8 @@ def run_certification(smooth: Smooth, images: np.ndarray, labels: np.ndarray,
             atomic_write_text(sidecar, json.dumps(record, indent=2, default=str))
             _certify_rows(smooth, images, labels, indices, writer, certify=certify, n0=n0, n=n,
                           alpha=alpha, batch_size=batch_size, seed=seed, progress=progress,
-                          sequential={"max_n": max_n, "radius": radius, "max_radius": max_radius}
+                          sequential={"max_n": max_n, "radius": radius, "max_radius": max_radius,
+                                      "radii": radii}
                           if sequential else None)
     return out
 
@@ -209,7 +220,8 @@ def _certify_rows(smooth: Smooth, images: np.ndarray, labels: np.ndarray, indice
 
 def certify_one_sequentially(smooth: Smooth, image: np.ndarray, *, n0: int, max_n: int,
                              alpha: float, batch_size: int, seed: int, radius: float | None,
-                             max_radius: float | None) -> tuple[int, float, int]:
+                             max_radius: float | None,
+                             radii: Sequence[float] | None = None) -> tuple[int, float, int]:
     """(class or −1, certified radius, estimation samples) of one image by sequential CERTIFY:
     ``certify_at(radius)`` when a radius is given, else ``certify_sequential``."""
     common = {"alpha": alpha, "n0": n0, "max_n": max_n, "batch_size": batch_size, "seed": seed}
@@ -218,5 +230,5 @@ def certify_one_sequentially(smooth: Smooth, image: np.ndarray, *, n0: int, max_
         certified = bool(found["certified"][0])
         return (int(found["classes"][0]), float(radius) if certified else 0.0,
                 int(found["samples"][0]))
-    found = smooth.certify_sequential(image, max_radius=max_radius, **common)
+    found = smooth.certify_sequential(image, max_radius=max_radius, radii=radii, **common)
     return int(found["classes"][0]), float(found["radius"][0]), int(found["samples"][0])

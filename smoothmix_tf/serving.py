@@ -67,6 +67,7 @@ from smoothmix_tf.choices import DEFAULT_MAX_BATCH
 from smoothmix_tf._checks import check_certify_settings, check_predict_settings, check_seed
 from smoothmix_tf.certify import Smooth
 from smoothmix_tf.images import received_shape, validate_images
+from smoothmix_tf.sequential import check_radii_grid
 
 FORMAT_VERSION = 1
 METADATA_FILE = "smoothmix.json"
@@ -147,7 +148,8 @@ class SmoothServingModule(tf.Module):
     """
 
     def __init__(self, smooth: Smooth, n0: int, n: int, alpha: float, batch_size: int,
-                 seed: int, parallel_images: int = 1, max_batch: int = DEFAULT_MAX_BATCH):
+                 seed: int, parallel_images: int = 1, max_batch: int = DEFAULT_MAX_BATCH,
+                 sequential_radii: Any = None):
         super().__init__(name="smoothmix_serving")
         if smooth.image_shape is None:
             raise fail("the base network has no static input shape",
@@ -158,6 +160,9 @@ class SmoothServingModule(tf.Module):
         self.settings = {"n0": int(n0), "n": int(n), "alpha": float(alpha),
                          "batch_size": int(batch_size)}
         self.default_seed = int(seed)
+        # certify_sequential's grid rule (docs/sequential.md), fixed at export; None: tolerance
+        self.sequential_radii = None if sequential_radii is None else \
+            check_radii_grid(sequential_radii, None)[0]
         self.parallel_images = int(parallel_images)
         self.max_batch = int(max_batch)
         # Track the variables the graph reads (the deployed network: a reduced-precision copy
@@ -311,7 +316,7 @@ class SmoothServingModule(tf.Module):
                 **self._parameters(tf.shape(images)[0], seeds, certify=True)}
 
     def _certify_sequential_images(self, images: tf.Tensor, seeds: tf.Tensor) -> dict:
-        settings = self._sequential_settings()
+        settings = {**self._sequential_settings(), "radii": self.sequential_radii}
         result = self._each_image(
             lambda x, s: self.smooth.certify_sequential_graph(x, s, **settings),
             SEQUENTIAL_OUTPUTS, images, seeds)
@@ -391,7 +396,7 @@ def export_metadata(module: SmoothServingModule, run_config: dict | None,
     smooth, settings = module.smooth, module.settings
     written = {**settings, "sigma": smooth.sigma, "default_seed": module.default_seed,
                "max_batch": module.max_batch, "inference_dtype": smooth.inference_dtype,
-               "checkpoint": source}
+               "checkpoint": source, "sequential_radii": module.sequential_radii}
     return {
         "format": "smoothmix-tf serving export", "format_version": FORMAT_VERSION,
         "command": "export", "settings_hash": settings_hash(written),
@@ -399,6 +404,7 @@ def export_metadata(module: SmoothServingModule, run_config: dict | None,
         "sigma": smooth.sigma, "n0": settings["n0"], "n": settings["n"],
         "alpha": settings["alpha"], "noise_batch_size": settings["batch_size"],
         "default_seed": module.default_seed, "max_batch": module.max_batch,
+        "sequential_radii": module.sequential_radii,
         "max_certifiable_radius": max_certifiable_radius(smooth.sigma, settings["n"],
                                                          settings["alpha"]),
         "num_classes": smooth.num_classes, "image_shape": list(module.image_shape),
@@ -466,7 +472,8 @@ def _check_version_path(path: Path, overwrite: bool) -> None:
 def export(smooth: Smooth, path: str | Path, n0: int = 100, n: int = 100_000,
            alpha: float = 0.001, batch_size: int = 1000, *, seed: int = 0,
            run_config: dict | None = None, source: str | None = None, overwrite: bool = False,
-           parallel_images: int = 1, max_batch: int = DEFAULT_MAX_BATCH) -> Path:
+           parallel_images: int = 1, max_batch: int = DEFAULT_MAX_BATCH,
+           sequential_radii: Any = None) -> Path:
     """Write ``smooth`` with PREDICT and CERTIFY as a TF Serving SavedModel at ``path``.
 
     ``path`` is ``MODEL_BASE/VERSION`` (VERSION a number). n0, n, alpha (CERTIFY's failure
@@ -476,7 +483,9 @@ def export(smooth: Smooth, path: str | Path, n0: int = 100, n: int = 100_000,
     ``parallel_images`` images of a request may be processed at once (results unchanged); a
     request of more than ``max_batch`` images is refused (INVALID_ARGUMENT). Refuses an existing
     version unless ``overwrite`` (and then only a smoothmix export); writes atomically, folders
-    0755 and files 0644. Returns ``path``.
+    0755 and files 0644. ``sequential_radii`` (the radii reported, e.g. 0.25 … 2.75) makes the
+    ``certify_sequential`` signature use the grid rule (docs/sequential.md); None: the radius
+    tolerance. Returns ``path``.
     """
     if not isinstance(smooth, Smooth):
         raise fail(f"export needs a smoothmix_tf.Smooth, got {type(smooth).__name__}",
@@ -492,7 +501,7 @@ def export(smooth: Smooth, path: str | Path, n0: int = 100, n: int = 100_000,
         run_config = json.loads(json.dumps(run_config))  # must be JSON (fails early otherwise)
 
     module = SmoothServingModule(smooth, n0, n, alpha, batch_size, seed, parallel_images,
-                                 max_batch)
+                                 max_batch, sequential_radii)
     signatures = module.signatures()
     metadata = export_metadata(module, run_config, source)
 
@@ -515,7 +524,8 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, n0: int = 10
                            sigma: float | None = None, seed: int = 0,
                            precision: str | None = None, jit_compile: bool = False,
                            overwrite: bool = False, parallel_images: int = 1,
-                           max_batch: int = DEFAULT_MAX_BATCH) -> Path:
+                           max_batch: int = DEFAULT_MAX_BATCH,
+                           sequential_radii: Any = None) -> Path:
     """Export a training run (folder with checkpoint.keras + config.json) or a .keras file.
 
     σ defaults to the one the run was trained with (required for a bare base network).
@@ -537,7 +547,7 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, n0: int = 10
                     jit_compile=jit_compile)
     return export(smooth, path, n0, n, alpha, batch_size, seed=seed, run_config=run_config,
                   source=str(checkpoint), overwrite=overwrite, parallel_images=parallel_images,
-                  max_batch=max_batch)
+                  max_batch=max_batch, sequential_radii=sequential_radii)
 
 
 __all__ = ["SmoothServingModule", "check_request_radius", "check_request_seeds",

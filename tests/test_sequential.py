@@ -117,6 +117,70 @@ def test_certify_sequential_radius_at_most_true_radius(p, max_radius):
 
 
 # ------------------------------------------------------------------------------------------------
+# the grid rule (certify_sequential with radii)
+# ------------------------------------------------------------------------------------------------
+def optimistic_forecast_scipy(count, n, final_n, final_alpha, optimism):
+    """Independent reference: CP_lower at final_n of p̂ + optimism·sd (SciPy's beta quantile)."""
+    estimate = count / n
+    sd = np.sqrt(np.maximum(estimate * (1 - estimate), 1.0 / n) / n)
+    hoped = np.minimum(estimate + optimism * sd, 1.0) * final_n
+    return np.where(hoped > 0, st.beta.ppf(final_alpha, np.maximum(hoped, 1e-12),
+                                            final_n - hoped + 1), 0.0)
+
+
+def test_grid_rule_stops_exactly_when_the_next_grid_radius_is_out_of_reach():
+    grid, sigma, final_n, final_alpha = (0.0, 0.25, 0.5, 1.0), 1.0, 100_000, 0.0005
+    thresholds = st.norm.cdf(np.array(grid) / sigma)
+    rule = sequential.grid_stop(sequential.grid_thresholds(grid, sigma), final_n, final_alpha)
+    n = 1600
+    counts = np.arange(0, n + 1, 7, dtype=np.int64)
+    for p_lower in (0.0, 0.55, 0.65, 0.75, 0.9):  # current bound: none / 0 / 0.25 / 0.5 / all
+        above = thresholds[thresholds > p_lower]
+        next_threshold = above.min() if above.size else np.inf
+        expected = optimistic_forecast_scipy(counts, n, final_n, final_alpha,
+                                             sequential.DEFAULT_GRID_OPTIMISM) < next_threshold
+        got = rule(tf.constant(counts), tf.constant(n, tf.int64),
+                   tf.constant(np.full(counts.shape, p_lower)), tf.constant(1e-4, tf.float64))
+        np.testing.assert_array_equal(got.numpy(), expected, err_msg=str(p_lower))
+        assert expected.any() and (not above.size or not expected.all())  # both cases occur
+    # closed-form cases: radius 0.5 certified (p̲ = 0.75 ≥ Φ(0.5)); p̂ = 0.80 over 1600 samples
+    # cannot reach Φ(1) = 0.841 (forecast ≈ 0.80 + 2·0.01 − 0.004), p̂ = 0.83 can
+    stop = rule(tf.constant([1280, 1328], tf.int64), tf.constant(n, tf.int64),
+                tf.constant([0.75, 0.75], tf.float64), tf.constant(1e-4, tf.float64)).numpy()
+    np.testing.assert_array_equal(stop, [True, False])
+
+
+def grid_rule(grid, sigma, max_n):
+    return lambda final_alpha: sequential.grid_stop(sequential.grid_thresholds(grid, sigma),
+                                                    max_n, final_alpha)
+
+
+@pytest.mark.parametrize("naive", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_grid_rule_soundness_and_its_naive_variant_fails(naive):
+    """With the grid rule, radius > the true radius at most alpha of the time (p just below the
+    grid radius 0.5σ); the same rule with the fixed-n bound at every look exceeds alpha."""
+    grid, max_n = (0.0, 0.25, 0.5, 1.0), 100_000
+    p = st.norm.cdf(0.5) - 0.002
+    looks = sequential.look_schedule(max_n, 100)
+    out = simulate(p, max_n, (SIM_ALPHA,) * len(looks) if naive else None,
+                   grid_rule(grid, 1.0, max_n), seed=3)
+    wrong = np.mean(sequential.radius_from_lower(out["p_lower"], 1.0).numpy() > st.norm.ppf(p))
+    if naive:
+        assert wrong > TOLERANCE, (wrong, TOLERANCE)
+    else:
+        assert wrong <= TOLERANCE, (wrong, TOLERANCE)
+        assert out["samples"].mean() < max_n / 2  # and it stops early (a borderline p)
+
+
+def test_check_radii_grid():
+    assert sequential.check_radii_grid([0.5, 0.25, 0.5], None) == ((0.0, 0.25, 0.5), 0.5)
+    assert sequential.check_radii_grid([0.25, 1.0], 0.6) == ((0.0, 0.25, 0.6), 0.6)
+    for bad in ([], [-0.1], [float("nan")], [0.0], "x"):
+        with pytest.raises(SmoothMixError, match="radii"):
+            sequential.check_radii_grid(bad, None)
+
+
+# ------------------------------------------------------------------------------------------------
 # on a network: CERTIFY equivalence, linear classifier, batch invariance, bad inputs
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -156,6 +220,49 @@ def test_linear_classifier_decisions(linear):
     assert np.all(found["radius"][:2] <= 0.25) and np.all(found["radius"][:2] > 0.15)
     beyond = smooth.certify_at(images[:1], 0.25 * 4.0, alpha=0.001, max_n=20_000, seed=2)
     assert beyond["samples"][0] == 0 and not beyond["certified"][0]  # past the cap: no samples
+
+
+def test_linear_classifier_grid_rule(linear):
+    """True radius σ = 0.25: the grid rule certifies every grid radius well inside it (≤ 0.2),
+    none beyond it, stops early; the tie abstains."""
+    smooth, w, x0 = linear
+    images = np.stack([image_at(w, x0, d) for d in (0.25, -0.25, 0.0)])
+    grid = [0.05, 0.1, 0.15, 0.2, 0.3, 0.4]
+    found = smooth.certify_sequential(images, alpha=0.001, max_n=20_000, seed=2, radii=grid)
+    np.testing.assert_array_equal(found["classes"], [1, 0, -1])
+    assert np.all(found["radius"][:2] >= 0.2) and np.all(found["radius"][:2] < 0.25)
+    assert found["samples"][:2].max() < 20_000
+    top = smooth.certify_sequential(images[:1], alpha=0.001, max_n=20_000, seed=2,
+                                    radii=[0.05, 0.1])  # max_radius 0.1: stops there
+    assert 0.1 <= top["radius"][0] < 0.25 and top["samples"][0] < found["samples"][0]
+
+
+def test_grid_rule_in_run_certification_and_cli(linear, tmp_path):
+    from smoothmix_tf.cli import build_parser
+    from smoothmix_tf.evaluation import input_seed, run_certification
+
+    smooth, w, x0 = linear
+    images = np.stack([image_at(w, x0, d) for d in (0.25, -0.1)])
+    grid = [0.1, 0.2, 0.05]
+    out = run_certification(smooth, images, np.array([1, 0]), [0, 1], tmp_path / "g.tsv",
+                            n0=50, n=5000, alpha=0.001, seed=3, progress=False,
+                            procedure="sequential", radii=grid)
+    assert json.loads(out.with_suffix(".json").read_text())["radii"] == sorted(grid)
+    for i, row in enumerate(out.read_text().splitlines()[1:]):
+        found = smooth.certify_sequential(images[i:i + 1], alpha=0.001, n0=50, max_n=5000,
+                                          radii=grid, seed=input_seed(3, i))
+        fields = row.split("\t")
+        assert int(fields[2]) == found["classes"][0] and int(fields[6]) == found["samples"][0]
+    with pytest.raises(SmoothMixError, match="sequential"):
+        run_certification(smooth, images, np.array([1, 0]), [0], tmp_path / "x.tsv",
+                          radii=grid)
+    parser = build_parser()
+    args = parser.parse_args(["certify", "--checkpoint", "c", "--out", "o", "--sequential",
+                              "--radii", "0.25", "0.5", "--max-radius", "0.5"])
+    assert args.radii == [0.25, 0.5] and args.max_radius == 0.5
+    args = parser.parse_args(["export", "--checkpoint", "c", "--out", "m/1",
+                              "--sequential-radii", "0.25", "0.75"])
+    assert args.sequential_radii == [0.25, 0.75]
 
 
 def test_batch_invariance(linear):
@@ -230,6 +337,23 @@ CHILD = TENSORFLOW_ONLY_PRELUDE + textwrap.dedent("""
     print(json.dumps({"imported": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED),
                       "bad_radius": bad}))
 """)
+
+
+def test_serving_module_grid_rule_matches_smooth(linear):
+    """The export's certify_sequential with sequential_radii = Smooth's grid rule, same seed."""
+    from smoothmix_tf import serving
+
+    smooth, w, x0 = linear
+    module = serving.SmoothServingModule(smooth, 30, 3000, 0.001, 500, 6,
+                                         sequential_radii=[0.1, 0.2])
+    images = np.stack([image_at(w, x0, d) for d in (0.2, -0.05)]).astype(np.float32)
+    served = module._certify_sequential_images(tf.constant(images),
+                                               tf.constant([6, 6], tf.int64))
+    for i in range(len(images)):
+        found = smooth.certify_sequential(images[i:i + 1], 0.001, n0=30, max_n=3000,
+                                          batch_size=500, seed=6, radii=[0.1, 0.2])
+        for key in ("classes", "radius", "samples", "p_lower"):
+            assert served[key][i].numpy() == found[key][0], key
 
 
 def test_saved_model_signatures_match_smooth(linear, tmp_path):

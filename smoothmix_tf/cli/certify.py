@@ -31,6 +31,10 @@ def _add_smoothing_args(p, certify: bool) -> None:
                        help="with --sequential: most estimation samples (default --n)")
         p.add_argument("--max-radius", type=float, default=None,
                        help="with --sequential: stop an input once its radius reaches this")
+        p.add_argument("--radii", type=float, nargs="+", default=None, metavar="R",
+                       help="with --sequential: the radii you report (e.g. 0.25 0.5 ... 2.75): "
+                            "stop an input once no larger one of them can be reached (the grid "
+                            "rule; --max-radius defaults to the largest)")
     p.add_argument("--n", type=int, default=100_000, help="estimation samples (default 100,000)")
     p.add_argument("--alpha", type=float, default=0.001,
                    help="failure probability of the certificate (default 0.001)")
@@ -115,7 +119,8 @@ def cmd_certify_or_predict(args) -> int:
                             "precision": args.precision})
     sequential = {"procedure": "sequential" if getattr(args, "sequential", False) else "certify",
                   "radius": getattr(args, "radius", None), "max_n": getattr(args, "max_n", None),
-                  "max_radius": getattr(args, "max_radius", None)}
+                  "max_radius": getattr(args, "max_radius", None),
+                  "radii": getattr(args, "radii", None)}
     if args.runner == "beam":
         if sequential["procedure"] == "sequential":
             raise fail("--sequential runs with --runner local only",

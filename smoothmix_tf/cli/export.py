@@ -58,6 +58,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                         help="most images per request; larger requests get INVALID_ARGUMENT "
                              f"(each image costs n0 + n network calls; default {DEFAULT_MAX_BATCH})")
+    parser.add_argument("--sequential-radii", type=float, nargs="+", default=None, metavar="R",
+                        help="the radii you report (e.g. 0.25 0.5 ... 2.75): the certify_sequential "
+                             "signature stops an image once no larger one can be reached (the grid "
+                             "rule, docs/sequential.md); default: the radius-tolerance rule")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing version (TF Serving does not reload a version "
                              "it already serves: prefer a new version number)")
@@ -73,7 +77,8 @@ def run_export_command(args: argparse.Namespace) -> int:
                                   seed=args.seed, precision=args.precision,
                                   jit_compile=args.jit_compile, overwrite=args.overwrite,
                                   parallel_images=args.parallel_images,
-                                  max_batch=args.max_batch)
+                                  max_batch=args.max_batch,
+                                  sequential_radii=args.sequential_radii)
     meta = read_metadata(path)
     print(f"exported {path} (σ={meta['sigma']}, n0={meta['n0']}, n={meta['n']}, "
           f"alpha={meta['alpha']}; radii up to {meta['max_certifiable_radius']:.3f})")
