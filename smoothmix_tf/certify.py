@@ -32,7 +32,7 @@ from smoothmix_tf import sampling
 from smoothmix_tf.images import as_image_array, validate_images
 
 from smoothmix_tf.statistics import (ABSTAIN, binomial_test_two_sided, certificate,
-                                     clopper_pearson_lower, prediction)
+                                     certificate_from_lower, clopper_pearson_lower, prediction)
 
 _SELECTION, _ESTIMATION, _PREDICTION = 0, 1, 2  # noise streams ("stages") of one seed
 _STAGES = {"selection": _SELECTION, "estimation": _ESTIMATION, "prediction": _PREDICTION}
@@ -278,7 +278,7 @@ class Smooth:
             raise fail(f"got {radii.size} radii for {len(images)} images",
                        "Pass one radius, or one per image.")
         radii = np.broadcast_to(radii, (len(images),)).astype(np.float64)
-        function = self._sequential_function("certify_at", settings)
+        function = self._function("certify_at", **settings)
         outputs = function(tf.constant(images), tf.constant(seed, tf.int64), tf.constant(radii))
         return {name: value.numpy() for name, value in outputs.items()}
 
@@ -313,7 +313,7 @@ class Smooth:
                 radii, settings["max_radius"])
         seed = check_seed(seed)
         images = self.check_images(images)
-        function = self._sequential_function("certify_sequential", settings)
+        function = self._function("certify_sequential", **settings)
         outputs = function(tf.constant(images), tf.constant(seed, tf.int64))
         return {name: value.numpy() for name, value in outputs.items()}
 
@@ -363,11 +363,8 @@ class Smooth:
                                               radius_tolerance)
         found = sequential.run_looks(sample_votes, tf.ones_like(guess, tf.bool), looks, alphas,
                                      rule)
-        radius = sequential.radius_from_lower(found["p_lower"], self.sigma)
-        abstain = found["p_lower"] < 0.5
-        return {"classes": tf.where(abstain, tf.constant(ABSTAIN, tf.int64), guess),
-                "radius": tf.cast(radius, tf.float32), "samples": found["samples"],
-                "p_lower": found["p_lower"], "count": found["count"], "guess": guess}
+        return {**certificate_from_lower(guess, found["p_lower"], self.sigma),
+                "samples": found["samples"], "count": found["count"], "guess": guess}
 
     def _sequential_sampler(self, images: tf.Tensor, seed: tf.Tensor, n0: int, max_n: int,
                             batch_size: int) -> tuple[tf.Tensor, Any]:
@@ -383,23 +380,6 @@ class Smooth:
             return tf.gather(counts, guess, axis=1, batch_dims=1)
         return guess, sample_votes
 
-    def _sequential_function(self, kind: str, settings: dict[str, Any]):
-        """One cached ``tf.function`` per (procedure, settings); the radius of certify_at is an
-        input (no retrace per radius)."""
-        key = (kind, *sorted(settings.items()))
-        if key not in self._functions:
-            specs = [tf.TensorSpec([None, *(self.image_shape or (None, None, None))], tf.float32),
-                     tf.TensorSpec([], tf.int64)]
-            if kind == "certify_at":
-                def run(images, seed, radius):
-                    return self.certify_at_graph(images, seed, radius, **settings)
-                specs.append(tf.TensorSpec([None], tf.float64))
-            else:
-                def run(images, seed):
-                    return self.certify_sequential_graph(images, seed, **settings)
-            self._functions[key] = tf.function(run, autograph=False, input_signature=specs)
-        return self._functions[key]
-
     # -- helpers --------------------------------------------------------------------------------
     def _votes(self, noisy_images: tf.Tensor) -> tf.Tensor:
         """One-hot votes of f = argmax of the (possibly reduced-precision) network ``[b, C]``."""
@@ -408,19 +388,23 @@ class Smooth:
                           dtype=tf.int32)
 
     def _function(self, kind: str, **settings: Any):
-        """One cached ``tf.function`` per (kind, n0, n, alpha, batch_size): no retrace per call."""
+        """One cached ``tf.function`` per (procedure, settings): no retrace per call. The graph
+        code uses explicit ``tf.while_loop``s, so there is nothing for AutoGraph to convert;
+        certify_at's radius is an input (no retrace per radius)."""
         key = (kind, *sorted(settings.items()))
         if key not in self._functions:
-            shape = [None, *(self.image_shape or (None, None, None))]
-            graph = self.certify_graph if kind == "certify" else self.predict_graph
+            graph = {"certify": self.certify_graph, "predict": self.predict_graph,
+                     "certify_at": self.certify_at_graph,
+                     "certify_sequential": self.certify_sequential_graph}[kind]
+            specs = [tf.TensorSpec([None, *(self.image_shape or (None, None, None))], tf.float32),
+                     tf.TensorSpec([], tf.int64)]
+            if kind == "certify_at":
+                specs.append(tf.TensorSpec([None], tf.float64))
 
-            def run(images, seed):
-                return graph(images, seed, **settings)
+            def run(*inputs):
+                return graph(*inputs, **settings)
 
-            # the graph code uses explicit tf.while_loop: nothing for AutoGraph to convert
-            self._functions[key] = tf.function(
-                run, autograph=False,
-                input_signature=[tf.TensorSpec(shape, tf.float32), tf.TensorSpec([], tf.int64)])
+            self._functions[key] = tf.function(run, autograph=False, input_signature=specs)
         return self._functions[key]
 
 

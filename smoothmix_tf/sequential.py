@@ -40,7 +40,7 @@ from typing import Any
 import tensorflow as tf
 
 from smoothmix_tf._checks import check_int_at_least, check_non_negative, check_open_unit, fail
-from smoothmix_tf.statistics import clopper_pearson_lower
+from smoothmix_tf.statistics import clopper_pearson_lower, radius_from_lower
 
 DEFAULT_FIRST_LOOK = 100
 DEFAULT_GROWTH = 2.0
@@ -124,13 +124,6 @@ def projected_final_lower(count: tf.Tensor, n: tf.Tensor, alpha_now: tf.Tensor, 
     continuing to max_n can reach; used only to stop early *without* certifying more."""
     upper = clopper_pearson_upper(count, n, alpha_now)
     return clopper_pearson_lower(upper * float(final_n), float(final_n), final_alpha)
-
-
-def radius_from_lower(p_lower: tf.Tensor, sigma: float) -> tf.Tensor:
-    """σ·Φ⁻¹(p̲) where p̲ ≥ ½ (Cohen et al.'s radius), 0 otherwise (abstain), float64."""
-    p_lower = tf.cast(p_lower, tf.float64)
-    return tf.where(p_lower < 0.5, tf.zeros_like(p_lower),
-                    sigma * tf.math.ndtri(tf.maximum(p_lower, 0.5)))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -82,21 +82,33 @@ def binomial_test_two_sided(k: Any, n: Any, p: Any = 0.5) -> tf.Tensor:
     return tf.where((k == mode) | (n <= 0.0), tf.ones_like(p_value), p_value)
 
 
+def radius_from_lower(p_lower: Any, sigma: float) -> tf.Tensor:
+    """σ·Φ⁻¹(p̲_A) when p̲_A ≥ ½ (Cohen et al.'s radius, paper eq. 3), 0 otherwise (float64)."""
+    p_lower = _float64(p_lower)
+    return tf.where(p_lower < 0.5, tf.zeros_like(p_lower),
+                    sigma * tf.math.ndtri(tf.maximum(p_lower, 0.5)))
+
+
+def certificate_from_lower(guess: Any, p_lower: Any, sigma: float) -> dict[str, tf.Tensor]:
+    """Abstain (class −1, radius 0) when p̲_A < ½, else class ``guess`` (ĉ_A) with radius
+    σ·Φ⁻¹(p̲_A). Returns ``classes`` int64, ``radius`` float32, ``p_lower`` float64; CERTIFY and
+    the sequential procedures end here, whatever bound produced p̲_A."""
+    p_lower = _float64(p_lower)
+    classes = tf.where(p_lower < 0.5, tf.constant(ABSTAIN, tf.int64), tf.cast(guess, tf.int64))
+    return {"classes": classes, "radius": tf.cast(radius_from_lower(p_lower, sigma), tf.float32),
+            "p_lower": p_lower}
+
+
 def certificate(guess: Any, count: Any, n: Any, alpha: Any, sigma: float) -> dict[str, tf.Tensor]:
-    """CERTIFY's last steps from its counts: p̲_A = LowerConfBound(count, n, 1 − alpha), abstain
-    (class −1, radius 0) when p̲_A < ½, else class ``guess`` with radius σ·Φ⁻¹(p̲_A) (paper eq. 3).
+    """CERTIFY's last steps from its counts: p̲_A = LowerConfBound(count, n, 1 − alpha), then
+    :func:`certificate_from_lower` (paper eq. 3).
 
     ``guess`` is ĉ_A (from the selection samples), ``count`` the estimation votes for it out of
     ``n``. Returns ``classes`` int64, ``radius`` float32, ``p_lower`` float64. Every path that
     turns counts into a certificate (in-process, SavedModel, sharded) goes through here, so they
     agree to the bit.
     """
-    p_lower = clopper_pearson_lower(count, n, alpha)
-    abstain = p_lower < 0.5
-    radius = tf.where(abstain, tf.zeros_like(p_lower), sigma * tf.math.ndtri(tf.maximum(p_lower, 0.5)))
-    guess = tf.cast(guess, tf.int64)
-    return {"classes": tf.where(abstain, tf.constant(ABSTAIN, tf.int64), guess),
-            "radius": tf.cast(radius, tf.float32), "p_lower": p_lower}
+    return certificate_from_lower(guess, clopper_pearson_lower(count, n, alpha), sigma)
 
 
 def prediction(counts: Any, alpha: Any) -> dict[str, tf.Tensor]:
@@ -145,5 +157,5 @@ def _broadcast(*tensors: tf.Tensor) -> list[tf.Tensor]:
     return [tf.broadcast_to(t, shape) for t in tensors]
 
 
-__all__ = ["ABSTAIN", "binomial_test_two_sided", "certificate", "clopper_pearson_lower",
-           "prediction"]
+__all__ = ["ABSTAIN", "binomial_test_two_sided", "certificate", "certificate_from_lower",
+           "clopper_pearson_lower", "prediction", "radius_from_lower"]
