@@ -32,7 +32,8 @@ from smoothmix_tf import sampling
 from smoothmix_tf.images import as_image_array, validate_images
 
 from smoothmix_tf.statistics import (ABSTAIN, binomial_test_two_sided, certificate,
-                                     certificate_from_lower, clopper_pearson_lower, prediction)
+                                     certificate_from_counts, certificate_from_lower,
+                                     clopper_pearson_lower, prediction)
 
 _SELECTION, _ESTIMATION, _PREDICTION = 0, 1, 2  # noise streams ("stages") of one seed
 _STAGES = {"selection": _SELECTION, "estimation": _ESTIMATION, "prediction": _PREDICTION}
@@ -194,11 +195,9 @@ class Smooth:
         check_certify_settings(n0, n, alpha, batch_size)
         images = self.validate_images_graph(images)
         counts0 = self.sample_counts(images, n0, _stream_seed(seed, _SELECTION), batch_size)
-        guess = tf.argmax(counts0, axis=1, output_type=tf.int64)
         counts = self.sample_counts(images, n, _stream_seed(seed, _ESTIMATION), batch_size)
-        count = tf.gather(counts, guess, axis=1, batch_dims=1)
-        return {**certificate(guess, count, n, alpha, self.sigma), "count": count,
-                "guess": guess, "counts0": counts0, "counts": counts}
+        return {**certificate_from_counts(counts0, counts, n, alpha, self.sigma),
+                "counts0": counts0, "counts": counts}
 
     def predict_graph(self, images: tf.Tensor, seed: tf.Tensor, n: int, alpha: float,
                       batch_size: int) -> dict[str, tf.Tensor]:

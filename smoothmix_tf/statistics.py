@@ -111,6 +111,16 @@ def certificate(guess: Any, count: Any, n: Any, alpha: Any, sigma: float) -> dic
     return certificate_from_lower(guess, clopper_pearson_lower(count, n, alpha), sigma)
 
 
+def certificate_from_counts(counts0: Any, counts: Any, n: Any, alpha: Any,
+                            sigma: float) -> dict[str, tf.Tensor]:
+    """CERTIFY from its vote counts ``[B, C]``: ĉ_A = the top class of the selection votes
+    ``counts0`` (ties: the lower index), then :func:`certificate` on the estimation votes for it
+    in ``counts``. Adds ``guess`` (ĉ_A) and ``count`` to the certificate."""
+    guess = tf.argmax(counts0, axis=1, output_type=tf.int64)
+    count = tf.gather(counts, guess, axis=1, batch_dims=1)
+    return {**certificate(guess, count, n, alpha, sigma), "guess": guess, "count": count}
+
+
 def prediction(counts: Any, alpha: Any) -> dict[str, tf.Tensor]:
     """PREDICT's last steps from its votes ``counts`` ``[B, C]``: with n_A, n_B the top two counts
     (ties: the lower class first), class c_A unless the two-sided binomial test of n_A out of
@@ -157,5 +167,6 @@ def _broadcast(*tensors: tf.Tensor) -> list[tf.Tensor]:
     return [tf.broadcast_to(t, shape) for t in tensors]
 
 
-__all__ = ["ABSTAIN", "binomial_test_two_sided", "certificate", "certificate_from_lower",
+__all__ = ["ABSTAIN", "binomial_test_two_sided", "certificate", "certificate_from_counts",
+           "certificate_from_lower",
            "clopper_pearson_lower", "prediction", "radius_from_lower"]

@@ -16,8 +16,8 @@ Why a sharded run is bit-identical to one process (docs/scale.md, "Exact equival
   any number of times, and gets the same noise;
 - the votes of disjoint chunks are integer count vectors: their sum (a ``CombinePerKey``) equals
   the counts of one pass, exactly, whatever the order of summation;
-- counts become a certificate in one place, :func:`certify.certificate` (PREDICT:
-  :func:`certify.prediction`), run as a ``tf.function`` with the same constants as in-process
+- counts become a certificate in one place, :func:`statistics.certificate_from_counts` (PREDICT:
+  :func:`statistics.prediction`), run as a ``tf.function`` with the same constants as in-process
   CERTIFY, so p̲_A and the radius are the same float64/float32 bits.
 
 Work units. CERTIFY and PREDICT run as ``(image, stage, chunk of samples)`` units

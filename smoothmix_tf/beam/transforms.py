@@ -24,7 +24,8 @@ from apache_beam.io.filesystems import FileSystems
 from smoothmix_tf import analysis
 from smoothmix_tf._checks import check_choice, check_int_at_least, fail
 from smoothmix_tf.beam.files import file_sha256, read_bytes
-from smoothmix_tf.certify import Smooth, certificate, prediction
+from smoothmix_tf.certify import Smooth
+from smoothmix_tf.statistics import certificate_from_counts, prediction
 from smoothmix_tf.evaluation import CERTIFY_COLUMNS, PREDICT_COLUMNS, input_seed
 
 LOG = logging.getLogger("smoothmix_tf.beam")  # one logger for the package (the driver sets it up)
@@ -157,12 +158,9 @@ def _final_step(procedure: str, n: int, alpha: float, sigma: float):
     Python constants exactly as in :meth:`Smooth.certify_graph` / :meth:`Smooth.predict_graph`."""
     votes = tf.TensorSpec([None, None], tf.int64)
     if procedure == "certify":
-        def final(counts0, counts):
-            guess = tf.argmax(counts0, axis=1, output_type=tf.int64)  # ĉ_A, as certify_graph
-            count = tf.gather(counts, guess, axis=1, batch_dims=1)
-            return certificate(guess, count, n, alpha, sigma)
-
-        return tf.function(final, autograph=False, input_signature=[votes, votes])
+        return tf.function(lambda counts0, counts: certificate_from_counts(counts0, counts, n,
+                                                                           alpha, sigma),
+                           autograph=False, input_signature=[votes, votes])
     return tf.function(lambda counts: prediction(counts, alpha), autograph=False,
                        input_signature=[votes])
 
