@@ -448,3 +448,24 @@ def test_distributed_chief_and_worker(tmp_path):
         assert record["metrics"]["val_acr"] == pytest.approx(
             numpy_acr(tsv["label"], tsv["predict"], tsv["radius"]), abs=1e-6)
     assert (project / "best_preset.toml").exists() and (project / "val_acr.png").exists()
+
+
+def test_a_search_directory_has_one_owner(tmp_path):
+    """A second search on a directory in use stops with "in use by pid N" before any trial, and
+    --overwrite refuses a folder that smoothmix did not write."""
+    from smoothmix_tf import ownership
+
+    settings = tune_cli.settings_from_args(parse(TINY + ["--directory", str(tmp_path),
+                                                       "--no-tensorboard"]))
+    project = settings.project_dir
+    project.mkdir(parents=True)
+    with ownership.hold_lock(project, folder=True):
+        with pytest.raises(SmoothMixError, match=f"in use by pid {os.getpid()}"):
+            tuning.run_search(settings)
+    assert not any(project.glob("trial_*"))
+    (project / "notes.txt").write_text("mine")
+    overwrite = tune_cli.settings_from_args(parse(TINY + ["--directory", str(tmp_path),
+                                                        "--no-tensorboard", "--overwrite"]))
+    with pytest.raises(SmoothMixError, match="not written by smoothmix"):
+        tuning.run_search(overwrite)
+    assert (project / "notes.txt").read_text() == "mine"
