@@ -16,24 +16,36 @@ draw of the seed's stream, so results do not depend on ``batch_size``).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from smoothmix_tf._checks import (SmoothMixError, as_float, as_int, check_certify_settings,
-                                  check_choice, check_int_at_least, check_positive,
-                                  check_predict_settings, check_seed, fail)
+from smoothmix_tf import sampling
+from smoothmix_tf._checks import (
+    SmoothMixError,
+    as_float,
+    as_int,
+    check_certify_settings,
+    check_choice,
+    check_int_at_least,
+    check_positive,
+    check_predict_settings,
+    check_seed,
+    fail,
+)
 from smoothmix_tf.choices import INFERENCE_DTYPES
 from smoothmix_tf.hardware import warn_if_bfloat16_is_emulated
-from smoothmix_tf import sampling
 from smoothmix_tf.images import as_image_array, validate_images
-
-from smoothmix_tf.statistics import (ABSTAIN, binomial_test_two_sided, certificate,
-                                     certificate_from_counts, certificate_from_lower,
-                                     clopper_pearson_lower, prediction)
+from smoothmix_tf.statistics import (
+    ABSTAIN,
+    binomial_test_two_sided,
+    certificate,
+    certificate_from_counts,
+    clopper_pearson_lower,
+    prediction,
+)
 
 _SELECTION, _ESTIMATION, _PREDICTION = 0, 1, 2  # noise streams ("stages") of one seed
 _STAGES = {"selection": _SELECTION, "estimation": _ESTIMATION, "prediction": _PREDICTION}
@@ -325,19 +337,12 @@ class Smooth:
 
         looks = sequential.check_sequential_settings(n0, max_n, alpha, batch_size, first_look,
                                                      growth)
-        alphas = sequential.alpha_schedule(alpha, len(looks))
         images = self.validate_images_graph(images)
         radius = tf.broadcast_to(_validate_radius_graph(radius),
                                  tf.shape(images, out_type=tf.int64)[:1])
-        threshold = 0.5 * tf.math.erfc(-radius / (self.sigma * math.sqrt(2.0)))  # Φ(r/σ)
         guess, sample_votes = self._sequential_sampler(images, seed, n0, max_n, batch_size)
-        reachable = clopper_pearson_lower(max_n, max_n, alphas[-1]) >= threshold
-        found = sequential.run_looks(sample_votes, reachable, looks, alphas,
-                                     sequential.certify_at_stop(threshold, max_n, alphas[-1]))
-        certified = reachable & (found["p_lower"] >= threshold)
-        return {"classes": tf.where(certified, guess, tf.constant(ABSTAIN, tf.int64)),
-                "certified": certified, "samples": found["samples"],
-                "p_lower": found["p_lower"], "count": found["count"], "guess": guess}
+        return sequential.certify_at_from_votes(guess, sample_votes, radius, self.sigma, looks,
+                                                alpha)
 
     def certify_sequential_graph(self, images: tf.Tensor, seed: tf.Tensor, n0: int, max_n: int,
                                  alpha: float, batch_size: int, max_radius: float | None = None,
@@ -350,20 +355,10 @@ class Smooth:
 
         looks = sequential.check_sequential_settings(n0, max_n, alpha, batch_size, first_look,
                                                      growth)
-        alphas = sequential.alpha_schedule(alpha, len(looks))
         images = self.validate_images_graph(images)
         guess, sample_votes = self._sequential_sampler(images, seed, n0, max_n, batch_size)
-        if radii is not None:
-            grid, _ = sequential.check_radii_grid(radii, max_radius)
-            rule = sequential.grid_stop(sequential.grid_thresholds(grid, self.sigma), max_n,
-                                        alphas[-1])
-        else:
-            rule = sequential.sequential_stop(self.sigma, max_n, alphas[-1], max_radius,
-                                              radius_tolerance)
-        found = sequential.run_looks(sample_votes, tf.ones_like(guess, tf.bool), looks, alphas,
-                                     rule)
-        return {**certificate_from_lower(guess, found["p_lower"], self.sigma),
-                "samples": found["samples"], "count": found["count"], "guess": guess}
+        return sequential.certify_sequential_from_votes(guess, sample_votes, self.sigma, looks,
+                                                        alpha, max_radius, radius_tolerance, radii)
 
     def _sequential_sampler(self, images: tf.Tensor, seed: tf.Tensor, n0: int, max_n: int,
                             batch_size: int) -> tuple[tf.Tensor, Any]:

@@ -40,7 +40,7 @@ from typing import Any
 import tensorflow as tf
 
 from smoothmix_tf._checks import check_int_at_least, check_non_negative, check_open_unit, fail
-from smoothmix_tf.statistics import clopper_pearson_lower, radius_from_lower
+from smoothmix_tf.statistics import ABSTAIN, certificate_from_lower, clopper_pearson_lower, radius_from_lower
 
 DEFAULT_FIRST_LOOK = 100
 DEFAULT_GROWTH = 2.0
@@ -242,6 +242,49 @@ def run_looks(sample_votes: VoteSampler, active: tf.Tensor, looks: tuple[int, ..
 
 
 # ------------------------------------------------------------------------------------------------
+# the two procedures, given ĉ_A and a vote sampler (the network's in Smooth, recorded votes in
+# bench/sequential_certify.py's replay, Bernoulli streams in the tests)
+# ------------------------------------------------------------------------------------------------
+def certify_at_from_votes(guess: tf.Tensor, sample_votes: VoteSampler, radius: tf.Tensor,
+                          sigma: float, looks: tuple[int, ...],
+                          alpha: float) -> dict[str, tf.Tensor]:
+    """certify_at after selection: ``guess`` int64 [B] (ĉ_A), ``radius`` float64 [B] (checked by
+    the caller). An image whose r is beyond what max_n = looks[-1] samples can certify draws no
+    sample. Returns ``classes`` (ĉ_A when certified, else −1), ``certified``, ``samples``,
+    ``p_lower``, ``count``, ``guess``."""
+    alphas = alpha_schedule(alpha, len(looks))
+    max_n = looks[-1]
+    threshold = 0.5 * tf.math.erfc(-tf.cast(radius, tf.float64) / (sigma * math.sqrt(2.0)))
+    reachable = clopper_pearson_lower(max_n, max_n, alphas[-1]) >= threshold
+    found = run_looks(sample_votes, reachable, looks, alphas,
+                      certify_at_stop(threshold, max_n, alphas[-1]))
+    certified = reachable & (found["p_lower"] >= threshold)
+    return {"classes": tf.where(certified, guess, tf.constant(ABSTAIN, tf.int64)),
+            "certified": certified, "samples": found["samples"], "p_lower": found["p_lower"],
+            "count": found["count"], "guess": guess}
+
+
+def certify_sequential_from_votes(guess: tf.Tensor, sample_votes: VoteSampler, sigma: float,
+                                  looks: tuple[int, ...], alpha: float,
+                                  max_radius: float | None = None,
+                                  radius_tolerance: float = DEFAULT_RADIUS_TOLERANCE,
+                                  radii: tuple[float, ...] | None = None) -> dict[str, tf.Tensor]:
+    """certify_sequential after selection (``radii`` given: the grid rule, max_radius =
+    max(radii) unless given; otherwise the tolerance rule). Returns ``classes`` (−1 abstain),
+    ``radius`` float32, ``p_lower``, ``samples``, ``count``, ``guess``."""
+    alphas = alpha_schedule(alpha, len(looks))
+    max_n = looks[-1]
+    if radii is not None:
+        grid, _ = check_radii_grid(radii, max_radius)
+        rule = grid_stop(grid_thresholds(grid, sigma), max_n, alphas[-1])
+    else:
+        rule = sequential_stop(sigma, max_n, alphas[-1], max_radius, radius_tolerance)
+    found = run_looks(sample_votes, tf.ones_like(guess, tf.bool), looks, alphas, rule)
+    return {**certificate_from_lower(guess, found["p_lower"], sigma),
+            "samples": found["samples"], "count": found["count"], "guess": guess}
+
+
+# ------------------------------------------------------------------------------------------------
 # settings checks (shared by Smooth, the CLI and the export)
 # ------------------------------------------------------------------------------------------------
 def check_sequential_settings(n0: int, max_n: int, alpha: float, batch_size: int,
@@ -304,7 +347,8 @@ def check_max_radius(max_radius: float | None) -> float | None:
 
 
 __all__ = ["DEFAULT_FIRST_LOOK", "DEFAULT_GRID_OPTIMISM", "DEFAULT_GROWTH",
-           "DEFAULT_RADIUS_TOLERANCE", "alpha_schedule", "certify_at_stop", "check_max_radius",
+           "DEFAULT_RADIUS_TOLERANCE", "alpha_schedule", "certify_at_from_votes",
+           "certify_at_stop", "certify_sequential_from_votes", "check_max_radius",
            "check_radii_grid", "check_radius", "check_radius_tolerance",
            "check_sequential_settings", "clopper_pearson_upper", "expected_final_lower",
            "grid_stop", "grid_thresholds", "look_schedule", "max_radius_at",
