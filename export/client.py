@@ -9,6 +9,11 @@ tensorflow); it is imported only when used.
     # your own images: a .npy array [batch, H, W, C] (float in [0, 1], or uint8 with *_uint8)
     python export/client.py --server http://localhost:8501 --signature certify_seeded \\
         --images digits.npy --seed 11 12 13
+    # sequential CERTIFY (export-time seed, alpha and max_n = n): is each image certified at a
+    # radius (one per image, or one for all), or the largest radius, stopping early when easy
+    python export/client.py --server http://localhost:8501 --signature certify_at \\
+        --images digits.npy --radius 0.25 0.5 0.5
+    python export/client.py --server http://localhost:8501 --signature certify_sequential --example
     # gRPC (port 8500)
     python export/client.py --grpc localhost:8500 --signature certify --example
     # regenerate the example request bodies in export/requests/
@@ -17,14 +22,17 @@ tensorflow); it is imported only when used.
 REST bodies follow TF Serving's documented predict API
 (https://www.tensorflow.org/tfx/serving/api_rest): the row format
 ``{"signature_name": S, "instances": [{"images": ..., "seed": ...}, ...]}`` (one object per image)
-or the columnar format ``{"signature_name": S, "inputs": {"images": [...], "seed": [...]}}``;
-answers come back as ``{"predictions": [...]}`` or ``{"outputs": {...}}``.
+or the columnar format ``{"signature_name": S, "inputs": {"images": [...], "seed": [...]}}``
+(``certify_at``: ``"radius"`` in place of ``"seed"``); answers come back as
+``{"predictions": [...]}`` or ``{"outputs": {...}}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import numbers
 import sys
 import urllib.error
 import urllib.request
@@ -34,9 +42,15 @@ from typing import Any
 
 IMAGES = "images"
 SEED = "seed"
+RADIUS = "radius"
 SIGNATURES = ("serving_default", "predict", "predict_uint8", "predict_seeded",
               "predict_seeded_uint8", "certify", "certify_uint8", "certify_seeded",
-              "certify_seeded_uint8", "probabilities", "probabilities_uint8")
+              "certify_seeded_uint8", "probabilities", "probabilities_uint8",
+              "certify_at", "certify_sequential")
+# sequential CERTIFY (docs/sequential.md): float32 images only, the export-time seed, alpha and
+# max_n = the export's n; no *_uint8 / *_seeded variants are exported
+SEQUENTIAL = ("certify_at", "certify_sequential")
+FLOAT32_MAX = 3.4028234663852886e38
 SINGLE_OUTPUT = {"probabilities": "probabilities", "probabilities_uint8": "probabilities"}
 LAYOUTS = ("instances", "inputs")
 GRPC_INSTALL = ("gRPC needs the TF Serving API package: pip install tensorflow-serving-api "
@@ -60,6 +74,11 @@ def takes_seed(signature: str) -> bool:
     return "_seeded" in signature
 
 
+def takes_radius(signature: str) -> bool:
+    """``certify_at`` takes a second input ``radius`` (float32, one l2 radius >= 0 per image)."""
+    return signature == "certify_at"
+
+
 def _nested(value: Any, uint8: bool) -> Any:
     """Nested lists of Python numbers (ints for uint8 inputs) from NumPy arrays or lists."""
     if hasattr(value, "tolist"):
@@ -71,7 +90,52 @@ def _nested(value: Any, uint8: bool) -> Any:
     return int(value) if uint8 else float(value)
 
 
-def _check_request(images: Sequence, signature: str, seeds: Sequence[int] | None) -> None:
+def _seeded_name(signature: str) -> str | None:
+    """The ``*_seeded`` variant of a signature, if the export has one."""
+    name = signature.replace("_uint8", "") + "_seeded" + ("_uint8" if takes_uint8(signature)
+                                                           else "")
+    return name if name in SIGNATURES else None
+
+
+def _check_radii(radii: Any, batch: int, signature: str) -> list[float] | None:
+    """One finite l2 radius >= 0 per image (a single number: every image), as Python floats."""
+    if not takes_radius(signature):
+        if radii is not None:
+            hint = ("it finds the largest certified radius itself; to ask whether a given "
+                    "radius is certified use signature certify_at"
+                    if signature == "certify_sequential" else
+                    "only certify_at takes radii: use signature certify_at (CLI: --signature "
+                    "certify_at --radius R [R ...]), or drop the radii")
+            raise ValueError(f"signature {signature} has no radius input: {hint}")
+        return None
+    if radii is None:
+        raise ValueError(f"signature {signature} takes one l2 radius per image: pass radii "
+                         f"({batch} numbers >= 0, or one number for every image; CLI: --radius "
+                         f"R [R ...])")
+    if hasattr(radii, "tolist"):
+        radii = radii.tolist()
+    if not isinstance(radii, (list, tuple)):
+        radii = [radii] * batch
+    if len(radii) != batch:
+        raise ValueError(f"signature {signature} takes one radius per image: got {len(radii)} "
+                         f"radii for {batch} images (pass {batch}, or one number for every "
+                         f"image)")
+    checked = []
+    for i, radius in enumerate(radii):
+        if isinstance(radius, bool) or not isinstance(radius, numbers.Real):
+            raise TypeError(f"radius[{i}] = {radius!r} is not a number: pass l2 radii as "
+                            "numbers >= 0")
+        radius = float(radius)
+        if not math.isfinite(radius) or radius < 0.0 or radius > FLOAT32_MAX:
+            raise ValueError(f"radius[{i}] = {radius!r} is not a finite l2 radius >= 0 (in "
+                             "[0, 1] pixel units, float32): pass e.g. 0.25")
+        checked.append(radius)
+    return checked
+
+
+def _check_request(images: Sequence, signature: str, seeds: Sequence[int] | None,
+                   radii: Any = None) -> list[float] | None:
+    """Checks a request before it is sent; returns the radii (one float per image) or None."""
     if signature not in SIGNATURES:
         raise ValueError(f"unknown signature {signature!r}; choose one of {', '.join(SIGNATURES)}")
     if len(images) == 0:
@@ -81,34 +145,43 @@ def _check_request(images: Sequence, signature: str, seeds: Sequence[int] | None
             raise ValueError(f"signature {signature} takes one seed per image: pass "
                              f"{len(images)} seeds (got {None if seeds is None else len(seeds)})")
     elif seeds is not None:
-        raise ValueError(f"signature {signature} has no seed input: use "
-                         f"{signature.replace('_uint8', '')}_seeded"
-                         f"{'_uint8' if takes_uint8(signature) else ''} to send seeds")
+        seeded = _seeded_name(signature)
+        if seeded is not None:
+            hint = f"use {seeded} to send seeds"
+        elif signature in SEQUENTIAL:
+            hint = ("it uses the export-time seed (returned as output seed); drop the seeds, or "
+                    "use certify_seeded for CERTIFY with your own seeds")
+        else:
+            hint = "drop the seeds (the signature does not draw noise)"
+        raise ValueError(f"signature {signature} has no seed input: {hint}")
+    return _check_radii(radii, len(images), signature)
 
 
 def rest_payload(images: Sequence, signature: str = "serving_default",
-                 seeds: Sequence[int] | None = None, layout: str = "instances") -> dict:
+                 seeds: Sequence[int] | None = None, layout: str = "instances",
+                 radii: Sequence[float] | float | None = None) -> dict:
     """The JSON body of a TF Serving REST predict request.
 
     ``layout="instances"`` (row format): one object ``{"images": H×W×C, "seed": s}`` per image;
     ``layout="inputs"`` (columnar format): ``{"images": B×H×W×C, "seed": [s, ...]}``.
+    ``seeds`` only for ``*_seeded*``; ``radii`` (one l2 radius per image, or one number for every
+    image) only and always for ``certify_at``, sent as ``"radius"``.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     uint8 = takes_uint8(signature)
     images = _nested(images, uint8)
-    _check_request(images, signature, seeds)
-    seeds = None if seeds is None else [int(s) for s in seeds]
-    if layout == "instances":
-        rows = [{IMAGES: image} for image in images]
-        if seeds is not None:
-            for row, seed in zip(rows, seeds):
-                row[SEED] = seed
-        return {"signature_name": signature, "instances": rows}
-    inputs: dict[str, Any] = {IMAGES: images}
+    radii = _check_request(images, signature, seeds, radii)
+    extra: dict[str, list] = {}
     if seeds is not None:
-        inputs[SEED] = seeds
-    return {"signature_name": signature, "inputs": inputs}
+        extra[SEED] = [int(s) for s in seeds]
+    if radii is not None:
+        extra[RADIUS] = radii
+    if layout == "instances":
+        rows = [{IMAGES: image, **{name: column[i] for name, column in extra.items()}}
+                for i, image in enumerate(images)]
+        return {"signature_name": signature, "instances": rows}
+    return {"signature_name": signature, "inputs": {IMAGES: images, **extra}}
 
 
 def parse_rest_response(body: dict, signature: str = "certify") -> dict[str, list]:
@@ -156,12 +229,14 @@ def post_json(url: str, payload: dict, timeout: float = 600.0) -> dict:
 
 def rest_predict(server: str, model: str, images: Sequence, signature: str = "serving_default",
                  seeds: Sequence[int] | None = None, layout: str = "instances",
-                 version: int | None = None, timeout: float = 600.0) -> dict[str, list]:
+                 version: int | None = None, timeout: float = 600.0, *,
+                 radii: Sequence[float] | float | None = None) -> dict[str, list]:
     """Send one REST predict request; ``{output: list over images}``. CERTIFY with n = 100,000
     takes seconds per image on a CPU: keep ``timeout`` (and the server's
-    ``--rest_api_timeout_in_ms``) generous."""
+    ``--rest_api_timeout_in_ms``) generous. ``radii``: for ``certify_at`` (see
+    :func:`rest_payload`)."""
     body = post_json(predict_url(server, model, version),
-                     rest_payload(images, signature, seeds, layout), timeout)
+                     rest_payload(images, signature, seeds, layout, radii), timeout)
     return parse_rest_response(body, signature)
 
 
@@ -169,23 +244,28 @@ def rest_predict(server: str, model: str, images: Sequence, signature: str = "se
 # gRPC (tensorflow-serving-api, imported lazily)
 # ------------------------------------------------------------------------------------------------
 def grpc_input_tensors(images: Sequence, signature: str = "serving_default",
-                       seeds: Sequence[int] | None = None) -> dict:
-    """``{input name: TensorProto}`` of a gRPC PredictRequest (needs tensorflow)."""
+                       seeds: Sequence[int] | None = None,
+                       radii: Sequence[float] | float | None = None) -> dict:
+    """``{input name: TensorProto}`` of a gRPC PredictRequest (needs tensorflow): ``images``,
+    and ``seed`` int64 (``*_seeded*``) or ``radius`` float32 (``certify_at``) ``[batch]``."""
     import numpy as np
     import tensorflow as tf
 
     uint8 = takes_uint8(signature)
     array = np.asarray(images, dtype=np.uint8 if uint8 else np.float32)
-    _check_request(array, signature, seeds)
+    radii = _check_request(array, signature, seeds, radii)
     tensors = {IMAGES: tf.make_tensor_proto(array)}
     if seeds is not None:
         tensors[SEED] = tf.make_tensor_proto(np.asarray(seeds, dtype=np.int64))
+    if radii is not None:
+        tensors[RADIUS] = tf.make_tensor_proto(np.asarray(radii, dtype=np.float32))
     return tensors
 
 
 def grpc_predict(target: str, model: str, images: Sequence, signature: str = "serving_default",
                  seeds: Sequence[int] | None = None, version: int | None = None,
-                 timeout: float = 600.0) -> dict[str, Any]:
+                 timeout: float = 600.0, *,
+                 radii: Sequence[float] | float | None = None) -> dict[str, Any]:
     """One gRPC Predict call to ``target`` (host:8500); ``{output: NumPy array}``."""
     try:
         import grpc
@@ -198,7 +278,7 @@ def grpc_predict(target: str, model: str, images: Sequence, signature: str = "se
     request.model_spec.signature_name = signature
     if version is not None:
         request.model_spec.version.value = int(version)
-    for name, tensor in grpc_input_tensors(images, signature, seeds).items():
+    for name, tensor in grpc_input_tensors(images, signature, seeds, radii).items():
         request.inputs[name].CopyFrom(tensor)
     limit = 256 * 1024 * 1024
     options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
@@ -215,29 +295,38 @@ def grpc_predict(target: str, model: str, images: Sequence, signature: str = "se
 # reading the answer
 # ------------------------------------------------------------------------------------------------
 def describe(outputs: dict, signature: str) -> list[str]:
-    """One line per image: the class (or abstain), the radius and the settings it holds for."""
-    def values(key):
-        column = outputs[key]
-        return column.tolist() if hasattr(column, "tolist") else list(column)
-
-    if "probabilities" in outputs:
+    """One line per image: the class (or abstain / not certified), the radius, the votes (and
+    samples used, for the sequential signatures) and the settings the answer holds for."""
+    columns = {key: column.tolist() if hasattr(column, "tolist") else list(column)
+               for key, column in outputs.items()}
+    if "probabilities" in columns:
         return [f"image {i}: base-network probabilities "
-                + " ".join(f"{p:.3f}" for p in row) for i, row in enumerate(values("probabilities"))]
-    classes = values("classes")
+                + " ".join(f"{p:.3f}" for p in row) for i, row in enumerate(columns["probabilities"])]
     lines = []
-    for i, label in enumerate(classes):
-        settings = (f"σ={values('sigma')[i]}, n={values('n')[i]}, α={values('alpha')[i]}, "
-                    f"seed={values('seed')[i]}")
-        if "radius" in outputs:
+    for i, label in enumerate(columns["classes"]):
+        value = {key: column[i] for key, column in columns.items()}
+        settings = f"σ={value['sigma']}, n={value['n']}, α={value['alpha']}, seed={value['seed']}"
+        if "n0" in value:
+            settings += f", n0={value['n0']}"
+        votes = f"{value.get('count')} of {value['n']} votes"
+        if "samples" in value:  # sequential: stopped after `samples` of at most n
+            votes = (f"{value['count']} of {value['samples']} votes, stopped after "
+                     f"{value['samples']} of at most {value['n']} samples")
+        if "certified" in value:  # certify_at
+            radius = f"l2 radius {value['requested_radius']:.4f}"
+            verdict = (f"class {label}, certified at {radius}" if value["certified"] else
+                       f"not certified at {radius}")
+            lines.append(f"image {i}: {verdict} (p_lower {value['p_lower']:.6f}, {votes}; "
+                         f"{settings})")
+        elif "radius" in value:  # certify, certify_sequential
             verdict = ("abstain" if label < 0 else
-                       f"class {label}, certified l2 radius {values('radius')[i]:.4f}")
-            lines.append(f"image {i}: {verdict} (p_lower {values('p_lower')[i]:.6f}, "
-                         f"{values('count')[i]} of {values('n')[i]} votes; {settings}, "
-                         f"n0={values('n0')[i]})")
-        else:
+                       f"class {label}, certified l2 radius {value['radius']:.4f}")
+            lines.append(f"image {i}: {verdict} (p_lower {value['p_lower']:.6f}, {votes}; "
+                         f"{settings})")
+        else:  # predict
             verdict = "abstain" if label < 0 else f"class {label}"
-            lines.append(f"image {i}: {verdict} (top {values('top_count')[i]} vs runner-up "
-                         f"{values('runner_up_count')[i]}, p-value {values('p_value')[i]:.3g}; "
+            lines.append(f"image {i}: {verdict} (top {value['top_count']} vs runner-up "
+                         f"{value['runner_up_count']}, p-value {value['p_value']:.3g}; "
                          f"{settings})")
     return lines
 
@@ -261,6 +350,17 @@ def example_images(height: int = 28, width: int = 28) -> list:
 
 
 EXAMPLE_SEEDS = (11, 12)
+EXAMPLE_RADII = (0.25, 0.5)  # certify_at: the "1" at l2 radius 0.25, the "7" at 0.5
+
+
+def example_extras(signature: str, batch: int) -> tuple[list[int] | None, list[float] | None]:
+    """(seeds, radii) of the example request of ``signature`` for ``batch`` images (None where
+    the signature does not take them; cycled when batch > 2)."""
+    seeds = [EXAMPLE_SEEDS[i % len(EXAMPLE_SEEDS)] for i in range(batch)] \
+        if takes_seed(signature) else None
+    radii = [EXAMPLE_RADII[i % len(EXAMPLE_RADII)] for i in range(batch)] \
+        if takes_radius(signature) else None
+    return seeds, radii
 
 
 def example_requests(images: Sequence | None = None) -> dict[str, dict]:
@@ -271,9 +371,10 @@ def example_requests(images: Sequence | None = None) -> dict[str, dict]:
     bodies = {}
     for signature in SIGNATURES:
         pixels = uint8_images if takes_uint8(signature) else images
-        seeds = list(EXAMPLE_SEEDS[:len(images)]) if takes_seed(signature) else None
+        seeds, radii = example_extras(signature, len(images))
         for layout in LAYOUTS:
-            bodies[f"{signature}.{layout}.json"] = rest_payload(pixels, signature, seeds, layout)
+            bodies[f"{signature}.{layout}.json"] = rest_payload(pixels, signature, seeds, layout,
+                                                                radii)
     return bodies
 
 
@@ -318,9 +419,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--signature", default="certify", choices=SIGNATURES,
                         help="signature to call (default certify)")
     parser.add_argument("--images", help=".npy or .json array [batch, H, W, C] (or [H, W, C])")
-    parser.add_argument("--example", action="store_true", help="send two synthetic 28×28 digits")
+    parser.add_argument("--example", action="store_true",
+                        help="send two synthetic 28×28 digits (with the example seeds / radii of "
+                             "export/requests/ unless --seed / --radius is given)")
     parser.add_argument("--seed", type=int, nargs="+",
                         help="one seed per image for *_seeded signatures (one value: every image)")
+    parser.add_argument("--radius", type=float, nargs="+", metavar="R",
+                        help="certify_at only: one l2 radius >= 0 per image, in [0, 1] pixel "
+                             "units (one value: every image)")
     parser.add_argument("--layout", choices=LAYOUTS, default="instances",
                         help="REST body format: row (instances) or columnar (inputs)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
@@ -336,6 +442,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if bool(args.images) == bool(args.example):
         parser.error("pass --images FILE or --example")
+    if args.radius is not None and not takes_radius(args.signature):
+        parser.error(f"--radius is for --signature certify_at only (got --signature "
+                     f"{args.signature}): use --signature certify_at, or drop --radius")
+    if takes_radius(args.signature) and args.radius is None and not args.example:
+        parser.error("--signature certify_at needs --radius R [R ...]: one l2 radius >= 0 per "
+                     "image, or one for every image")
+    if not args.print_request and not (args.grpc or args.server):
+        parser.error("pass --server URL (REST) or --grpc HOST:PORT")
     uint8 = takes_uint8(args.signature)
     if args.example:
         images = example_images()
@@ -343,21 +457,25 @@ def main(argv: list[str] | None = None) -> int:
             images = [[[[round(v * 255) for v in p] for p in row] for row in im] for im in images]
     else:
         images = _load_images(args.images, uint8)
-    seeds = args.seed
+    seeds, radii = args.seed, args.radius
+    if args.example:
+        example_seeds, example_radii = example_extras(args.signature, len(images))
+        seeds = example_seeds if seeds is None else seeds
+        radii = example_radii if radii is None else radii
     if seeds is not None and len(seeds) == 1 and len(images) > 1:
         seeds = seeds * len(images)
-    if args.print_request:
-        print(json.dumps(rest_payload(images, args.signature, seeds, args.layout)))
-        return 0
+    if radii is not None and len(radii) == 1:
+        radii = radii[0]  # one radius for every image
     try:
+        if args.print_request:
+            print(json.dumps(rest_payload(images, args.signature, seeds, args.layout, radii)))
+            return 0
         if args.grpc:
             outputs = grpc_predict(args.grpc, args.model, images, args.signature, seeds,
-                                   args.version, args.timeout)
-        elif args.server:
-            outputs = rest_predict(args.server, args.model, images, args.signature, seeds,
-                                   args.layout, args.version, args.timeout)
+                                   args.version, args.timeout, radii=radii)
         else:
-            parser.error("pass --server URL (REST) or --grpc HOST:PORT")
+            outputs = rest_predict(args.server, args.model, images, args.signature, seeds,
+                                   args.layout, args.version, args.timeout, radii=radii)
     except (ServingError, ValueError, urllib.error.URLError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -35,6 +35,7 @@ from smoothmix_tf.cli import export as export_cli
 ROOT = Path(__file__).resolve().parents[1]
 SIGMA, N0, N, ALPHA, BATCH, SEED = 0.25, 100, 1000, 0.001, 400, 3
 SEEDS = np.array([5, 0, 2**40, 7], np.int64)
+RADII = np.array([0.0, 0.1, 0.25, 0.5], np.float32)  # certify_at: one l2 radius per image
 CERTIFY_KEYS = ("classes", "radius", "p_lower", "count")
 PREDICT_KEYS = ("classes", "top_count", "runner_up_count", "p_value")
 SIGNATURES = {"serving_default", "predict", "predict_uint8", "predict_seeded",
@@ -103,10 +104,12 @@ def library_predict(smooth, images, seeds):
     return {key: np.concatenate([r[key] for r in rows]) for key in PREDICT_KEYS}
 
 
-def signature_inputs(name, images, images_uint8, seeds):
+def signature_inputs(name, images, images_uint8, seeds, radii=RADII):
     inputs = {"images": images_uint8 if name.endswith("_uint8") else images}
     if "_seeded" in name:
         inputs["seed"] = seeds
+    if name == "certify_at":
+        inputs["radius"] = radii
     return inputs
 
 
@@ -568,13 +571,18 @@ def test_rest_payload_rejects_malformed_requests(images):
 @pytest.mark.parametrize("signature,layout", [("certify_seeded", "instances"),
                                               ("serving_default", "inputs"),
                                               ("probabilities", "instances"),
-                                              ("probabilities_uint8", "inputs")])
+                                              ("probabilities_uint8", "inputs"),
+                                              ("certify_at", "instances"),
+                                              ("certify_at", "inputs"),
+                                              ("certify_sequential", "instances"),
+                                              ("certify_sequential", "inputs")])
 def test_rest_round_trip_matches_direct_call(loaded, images, images_uint8, signature, layout):
     seeds = [int(s) for s in SEEDS] if "_seeded" in signature else None
+    radii = RADII if signature == "certify_at" else None
     pixels = images_uint8 if signature.endswith("_uint8") else images
     answer = client.parse_rest_response(
         json.loads(json.dumps(serve_rest(loaded, client.rest_payload(pixels, signature, seeds,
-                                                                     layout)))), signature)
+                                                                     layout, radii)))), signature)
     inputs = signature_inputs(signature, images, images_uint8, SEEDS)
     direct = loaded.signatures[signature](**{k: tf.constant(v) for k, v in inputs.items()})
     assert set(answer) == set(direct)
@@ -583,6 +591,121 @@ def test_rest_round_trip_matches_direct_call(loaded, images, images_uint8, signa
                                       value.numpy(), err_msg=key)
     lines = client.describe(answer, signature)
     assert len(lines) == len(images)
+    if signature == "certify_at":
+        np.testing.assert_array_equal(answer["requested_radius"], RADII)  # routed per image
+        for line, radius in zip(lines, RADII):
+            assert f"certified at l2 radius {radius:.4f}" in line, line
+    if signature in client.SEQUENTIAL:
+        assert all(f"of at most {N} samples" in line for line in lines), lines
+
+
+def test_client_knows_exactly_the_exported_signatures(loaded):
+    assert set(client.SIGNATURES) == set(loaded.signatures)
+    assert set(client.SEQUENTIAL) == SEQUENTIAL_SIGNATURES
+    for name, function in loaded.signatures.items():  # the client sends exactly their inputs
+        expected = {"images"} | ({"seed"} if client.takes_seed(name) else set()) \
+            | ({"radius"} if client.takes_radius(name) else set())
+        assert set(function.structured_input_signature[1]) == expected, name
+        dtype = function.structured_input_signature[1]["images"].dtype
+        assert (dtype == tf.uint8) == client.takes_uint8(name), name
+
+
+@pytest.mark.parametrize("layout", ["instances", "inputs"])
+def test_rest_payload_with_radius(images, layout):
+    radii = [0.0, 0.125, 0.5, 2.0]
+    body = json.loads(json.dumps(client.rest_payload(images, "certify_at", layout=layout,
+                                                     radii=radii)))
+    assert set(body) == {"signature_name", layout} and body["signature_name"] == "certify_at"
+    if layout == "instances":
+        assert [set(row) for row in body["instances"]] == [{"images", "radius"}] * len(images)
+        assert [row["radius"] for row in body["instances"]] == radii
+        for row, image in zip(body["instances"], images):
+            np.testing.assert_array_equal(np.asarray(row["images"], np.float32), image)
+    else:
+        assert set(body["inputs"]) == {"images", "radius"} and body["inputs"]["radius"] == radii
+        np.testing.assert_array_equal(np.asarray(body["inputs"]["images"], np.float32), images)
+
+    def sent(body):
+        return [row["radius"] for row in body["instances"]] if layout == "instances" \
+            else body["inputs"]["radius"]
+
+    # one number for every image (Python, NumPy scalar); NumPy arrays and NumPy elements
+    assert sent(client.rest_payload(images, "certify_at", layout=layout, radii=0.25)) == [0.25] * 4
+    assert sent(client.rest_payload(images, "certify_at", layout=layout,
+                                    radii=np.float32(0.5))) == [0.5] * 4
+    assert sent(client.rest_payload(images, "certify_at", layout=layout,
+                                    radii=np.array(radii, np.float32))) == radii
+    assert sent(client.rest_payload(images, "certify_at", layout=layout,
+                                    radii=[np.float32(r) for r in radii])) == radii
+    assert all(type(r) is float for r in sent(client.rest_payload(images, "certify_at",
+                                                                  layout=layout, radii=1)))
+    sequential = client.rest_payload(images, "certify_sequential", layout=layout)
+    assert "radius" not in json.dumps(sequential) and "seed" not in json.dumps(sequential)
+
+
+RADIUS_ERRORS = [
+    ("certify", {"radii": 0.5}, "signature certify has no radius input: only certify_at"),
+    ("certify_seeded", {"radii": [0.5] * 4, "seeds": [1] * 4}, "only certify_at takes radii"),
+    ("certify_sequential", {"radii": 0.5},
+     "certify_sequential has no radius input: it finds the largest certified radius itself"),
+    ("certify_at", {}, r"certify_at takes one l2 radius per image: pass radii \(4 numbers"),
+    ("certify_at", {"radii": [0.1, 0.2]}, "got 2 radii for 4 images"),
+    ("certify_at", {"radii": [0.1] * 5}, "got 5 radii for 4 images"),
+    ("certify_at", {"radii": [0.1, -0.5, 0.1, 0.1]}, r"radius\[1\] = -0.5 is not a finite l2 radius >= 0"),
+    ("certify_at", {"radii": float("nan")}, r"radius\[0\] = nan is not a finite"),
+    ("certify_at", {"radii": [0.1, 0.1, 0.1, float("inf")]}, r"radius\[3\] = inf is not a finite"),
+    ("certify_at", {"radii": 1e39}, "not a finite l2 radius >= 0 .*float32"),
+    ("certify_at", {"radii": [0.1, True, 0.1, 0.1]}, r"radius\[1\] = True is not a number"),
+    ("certify_at", {"radii": "0.5"}, r"radius\[0\] = '0.5' is not a number"),
+    ("certify_at", {"radii": 0.5, "seeds": [1] * 4},
+     "certify_at has no seed input: it uses the export-time seed"),
+    ("certify_sequential", {"seeds": [1] * 4}, "certify_sequential has no seed input"),
+    ("probabilities", {"seeds": [1] * 4}, "probabilities has no seed input: drop the seeds"),
+]
+
+
+@pytest.mark.parametrize("signature,kwargs,message", RADIUS_ERRORS)
+def test_radius_and_seed_errors(images, signature, kwargs, message):
+    for layout in client.LAYOUTS:
+        expected = TypeError if "is not a number" in message else ValueError
+        with pytest.raises(expected, match=message) as error:
+            client.rest_payload(images, signature, layout=layout, **kwargs)
+        named = re.findall(r"\b(?:certify|predict|probabilities)_\w+", str(error.value))
+        assert set(named) <= set(client.SIGNATURES), named  # suggests only exported signatures
+    with pytest.raises(error.type, match=message):
+        client.grpc_input_tensors(images, signature, **kwargs)
+
+
+def test_parse_and_describe_sequential_answers():
+    common = {"p_lower": [0.9912, 0.41], "count": [1190, 480], "sigma": [0.5, 0.5],
+              "alpha": [0.001, 0.001], "n": [10000, 10000], "n0": [100, 100],
+              "noise_batch_size": [1000, 1000], "seed": [0, 0]}
+    at = {"classes": [1, -1], "certified": [True, False], "requested_radius": [0.25, 0.5],
+          "samples": [1200, 10000], **common}
+    sequential = {"classes": [1, -1], "radius": [1.0125, 0.0], "samples": [1200, 800],
+                  **common}
+    for signature, outputs in (("certify_at", at), ("certify_sequential", sequential)):
+        rows = [{k: v[i] for k, v in outputs.items()} for i in range(2)]
+        for body in ({"predictions": rows}, {"outputs": outputs}):
+            assert client.parse_rest_response(json.loads(json.dumps(body)), signature) == outputs
+    assert client.describe(at, "certify_at") == [
+        ("image 0: class 1, certified at l2 radius 0.2500 (p_lower 0.991200, 1190 of 1200 votes, "
+         "stopped after 1200 of at most 10000 samples; σ=0.5, n=10000, α=0.001, seed=0, n0=100)"),
+        ("image 1: not certified at l2 radius 0.5000 (p_lower 0.410000, 480 of 10000 votes, "
+         "stopped after 10000 of at most 10000 samples; σ=0.5, n=10000, α=0.001, seed=0, "
+         "n0=100)")]
+    assert client.describe(sequential, "certify_sequential") == [
+        ("image 0: class 1, certified l2 radius 1.0125 (p_lower 0.991200, 1190 of 1200 votes, "
+         "stopped after 1200 of at most 10000 samples; σ=0.5, n=10000, α=0.001, seed=0, n0=100)"),
+        ("image 1: abstain (p_lower 0.410000, 480 of 800 votes, stopped after 800 of at most "
+         "10000 samples; σ=0.5, n=10000, α=0.001, seed=0, n0=100)")]
+    # gRPC answers are NumPy arrays
+    as_arrays = {k: np.asarray(v) for k, v in at.items()}
+    assert client.describe(as_arrays, "certify_at") == client.describe(at, "certify_at")
+    certify = {k: v for k, v in sequential.items() if k != "samples"}  # CERTIFY: unchanged
+    assert client.describe(certify, "certify")[0] == (
+        "image 0: class 1, certified l2 radius 1.0125 (p_lower 0.991200, 1190 of 10000 votes; "
+        "σ=0.5, n=10000, α=0.001, seed=0, n0=100)")
 
 
 def test_example_requests_are_current_and_served(loaded, smooth):
@@ -601,6 +724,16 @@ def test_example_requests_are_current_and_served(loaded, smooth):
     expected = library_certify(smooth, digits, client.EXAMPLE_SEEDS)
     np.testing.assert_array_equal(served["classes"], expected["classes"])
     np.testing.assert_array_equal(np.asarray(served["radius"], np.float32), expected["radius"])
+    # certify_at: each digit at its own example radius, the export's seed, alpha, max_n = n
+    assert {"certify_at.instances.json", "certify_sequential.inputs.json"} <= set(bodies)
+    at = client.parse_rest_response(serve_rest(loaded, bodies["certify_at.instances.json"]),
+                                    "certify_at")
+    np.testing.assert_array_equal(at["requested_radius"], client.EXAMPLE_RADII)
+    for i, radius in enumerate(client.EXAMPLE_RADII):
+        expected = smooth.certify_at(digits[i:i + 1], radius, ALPHA, n0=N0, max_n=N,
+                                     batch_size=BATCH, seed=SEED)
+        for key in ("classes", "certified", "samples", "p_lower", "count"):
+            assert at[key][i] == expected[key][0], key
 
 
 def test_grpc_input_tensors(images, images_uint8):
@@ -612,6 +745,26 @@ def test_grpc_input_tensors(images, images_uint8):
     np.testing.assert_array_equal(tf.make_ndarray(tensors["seed"]), SEEDS)
     floats = client.grpc_input_tensors(images, "certify")
     assert set(floats) == {"images"} and floats["images"].dtype == tf.float32.as_datatype_enum
+
+
+@pytest.mark.parametrize("signature", ["certify_at", "certify_sequential"])
+def test_grpc_input_tensors_feed_the_sequential_signatures(loaded, images, signature):
+    radii = RADII if signature == "certify_at" else None
+    tensors = client.grpc_input_tensors(images, signature, radii=radii)
+    assert set(tensors) == ({"images", "radius"} if radii is not None else {"images"})
+    if radii is not None:
+        assert tensors["radius"].dtype == tf.float32.as_datatype_enum
+        np.testing.assert_array_equal(tf.make_ndarray(tensors["radius"]), RADII)
+        broadcast = client.grpc_input_tensors(images, signature, radii=0.5)
+        np.testing.assert_array_equal(tf.make_ndarray(broadcast["radius"]), np.full(4, 0.5))
+    # what TF Serving would do with the PredictRequest: feed the tensors to the signature
+    function = loaded.signatures[signature]
+    answer = function(**{name: tf.constant(tf.make_ndarray(t)) for name, t in tensors.items()})
+    direct = function(**{k: tf.constant(v) for k, v in
+                         signature_inputs(signature, images, None, SEEDS).items()})
+    for key, value in direct.items():
+        np.testing.assert_array_equal(answer[key].numpy(), value.numpy(), err_msg=key)
+    assert len(client.describe({k: v.numpy() for k, v in answer.items()}, signature)) == 4
 
 
 def test_grpc_without_the_serving_api_says_how_to_install(images):
@@ -627,7 +780,7 @@ def test_predict_url():
         "http://h:8501/v1/models/sm/versions/3:predict"
 
 
-def test_rest_client_over_http(loaded, images):
+def test_rest_client_over_http(loaded, images, capsys):
     """client.rest_predict against a local HTTP stand-in for TF Serving's REST endpoint (answers
     as serve_rest does; INVALID_ARGUMENT becomes HTTP 400 with {"error": message})."""
     import http.server
@@ -667,6 +820,58 @@ def test_rest_client_over_http(loaded, images):
         with pytest.raises(client.ServingError, match=r"(?s)HTTP 400.*must lie in \[0, 1\]"):
             client.rest_predict(url, "smoothmix", images[:2] * 255, "certify", version=1,
                                 timeout=60)
+        answer = client.rest_predict(url, "smoothmix", images[:2], "certify_at", version=1,
+                                     timeout=60, radii=RADII[:2])
+        direct = loaded.signatures["certify_at"](images=tf.constant(images[:2]),
+                                                 radius=tf.constant(RADII[:2]))
+        for key in ("classes", "certified", "samples", "requested_radius"):
+            np.testing.assert_array_equal(answer[key], direct[key].numpy(), err_msg=key)
+        for signature, extra in (("certify_at", ["--radius", "0.3"]),
+                                 ("certify_sequential", [])):
+            for layout in client.LAYOUTS:
+                code = client.main(["--server", url, "--version", "1", "--signature", signature,
+                                    "--example", "--layout", layout, *extra])
+                lines = capsys.readouterr().out.splitlines()
+                assert code == 0 and [line[:8] for line in lines] == ["image 0:", "image 1:"]
+                assert all("of at most 1000 samples" in line for line in lines), lines
+                if signature == "certify_at":
+                    assert all("certified at l2 radius 0.3000" in line for line in lines), lines
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_cli_radius_flag(tmp_path, capsys):
+    """--radius is required exactly for certify_at (clear errors otherwise), one value is used for
+    every image, bad values stop before anything is sent, --example has the example radii."""
+    def run(*args):
+        try:
+            code = client.main(["--print-request", *args])
+        except SystemExit as stop:
+            code = stop.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = run("--signature", "certify_at", "--example")
+    assert code == 0 and [row["radius"] for row in json.loads(out)["instances"]] == \
+        list(client.EXAMPLE_RADII)
+    code, out, _ = run("--signature", "certify_at", "--example", "--radius", "0.75",
+                       "--layout", "inputs")
+    assert code == 0 and json.loads(out)["inputs"]["radius"] == [0.75, 0.75]
+    code, out, _ = run("--signature", "certify_sequential", "--example")
+    assert code == 0 and set(json.loads(out)["instances"][0]) == {"images"}
+    np.save(tmp_path / "three.npy", np.zeros((3, 28, 28, 1), np.float32))
+    images = ["--images", str(tmp_path / "three.npy")]
+    code, out, _ = run("--signature", "certify_at", *images, "--radius", "0.1", "0.2", "0.3")
+    assert code == 0 and [row["radius"] for row in json.loads(out)["instances"]] == \
+        pytest.approx([0.1, 0.2, 0.3])
+    code, _, err = run("--signature", "certify_at", *images)
+    assert code == 2 and "--signature certify_at needs --radius R [R ...]" in err
+    for signature in ("certify", "certify_sequential", "predict_seeded"):
+        code, _, err = run("--signature", signature, "--example", "--radius", "0.5")
+        assert code == 2 and "--radius is for --signature certify_at only" in err, signature
+    code, _, err = run("--signature", "certify_at", *images, "--radius", "0.1", "0.2")
+    assert code == 1 and "got 2 radii for 3 images" in err
+    for bad in ("-0.5", "nan", "inf"):
+        code, out, err = run("--signature", "certify_at", *images, "--radius", bad)
+        assert code == 1 and out == "" and "is not a finite l2 radius >= 0" in err, bad
