@@ -38,6 +38,7 @@ from smoothmix_tf._checks import (
 from smoothmix_tf.choices import INFERENCE_DTYPES
 from smoothmix_tf.hardware import warn_if_bfloat16_is_emulated
 from smoothmix_tf.images import as_image_array, validate_images
+from smoothmix_tf.sequential import DEFAULT_GRID_OPTIMISM, DEFAULT_SEQUENTIAL_GROWTH
 from smoothmix_tf.statistics import (
     ABSTAIN,
     binomial_test_two_sided,
@@ -296,20 +297,23 @@ class Smooth:
     def certify_sequential(self, images: Any, alpha: float, n0: int = 100, max_n: int = 100_000,
                            max_radius: float | None = None, radius_tolerance: float = 0.05,
                            batch_size: int = 1000, seed: int = 0, *, first_look: int = 100,
-                           growth: float = 2.0,
-                           radii: Any = None) -> dict[str, np.ndarray]:
+                           growth: float = DEFAULT_SEQUENTIAL_GROWTH, radii: Any = None,
+                           optimism: float = DEFAULT_GRID_OPTIMISM,
+                           patience: int | None = None) -> dict[str, np.ndarray]:
         """Sequential CERTIFY: the largest certifiable radius from as few samples as it needs.
 
-        Same selection, looks and anytime-valid bound as :meth:`certify_at`; an image stops at
-        the first look where its radius σ·Φ⁻¹(max_k p̲_k) reaches ``max_radius`` (None = no
-        limit), or where continuing to ``max_n`` is not expected to raise it by more than
-        ``radius_tolerance``·σ (forecast from the current estimate), or at max_n.
-        ``radii`` (the radii you report, e.g. a certified-accuracy table's grid; ``max_radius``
-        defaults to their maximum) replaces the tolerance by the grid rule: stop as soon as no
-        grid radius above the current radius can still be reached — even an optimistic forecast
-        (p̂ + 2 standard deviations) of the last look's bound falls short of the next one
+        Same selection and anytime-valid bound as :meth:`certify_at` (looks growing by
+        ``growth``, default 1.25); an image stops at the first look where its radius
+        σ·Φ⁻¹(max_k p̲_k) reaches ``max_radius`` (None = no limit), or where continuing to
+        ``max_n`` is not expected to raise it by more than ``radius_tolerance``·σ (forecast from
+        the current estimate), or at max_n. ``radii`` (the radii you report, e.g. a
+        certified-accuracy table's grid; ``max_radius`` defaults to their maximum) replaces the
+        tolerance by the grid rule: stop as soon as no grid radius above the current radius can
+        still be reached — even an optimistic forecast (p̂ + ``optimism`` standard deviations)
+        of the bound after ``patience`` samples (None: max_n) falls short of the next one
         (docs/sequential.md, "The grid rule"). Guarantee: per image, P[class c ≠ −1 returned
-        while g(x + e) = c fails for some ‖e‖₂ < radius] ≤ alpha, whatever the stopping time. With ``first_look = max_n`` this is
+        while g(x + e) = c fails for some ‖e‖₂ < radius] ≤ alpha, whatever the stopping time
+        (the rule's settings only decide when to stop). With ``first_look = max_n`` this is
         CERTIFY with n = max_n exactly (same samples, same bound). Returns ``classes`` (−1
         abstain), ``radius`` float32, ``samples``, ``p_lower`` float64, ``count``, ``guess``.
         """
@@ -322,6 +326,9 @@ class Smooth:
         if radii is not None:
             settings["radii"], settings["max_radius"] = sequential.check_radii_grid(
                 radii, settings["max_radius"])
+            settings["optimism"], settings["patience"] = sequential.check_grid_settings(
+                as_float(optimism), None if patience is None else as_int(patience),
+                settings["max_n"])
         seed = check_seed(seed)
         images = self.check_images(images)
         function = self._function("certify_sequential", **settings)
@@ -347,8 +354,10 @@ class Smooth:
     def certify_sequential_graph(self, images: tf.Tensor, seed: tf.Tensor, n0: int, max_n: int,
                                  alpha: float, batch_size: int, max_radius: float | None = None,
                                  radius_tolerance: float = 0.05, first_look: int = 100,
-                                 growth: float = 2.0,
-                                 radii: tuple[float, ...] | None = None) -> dict[str, tf.Tensor]:
+                                 growth: float = DEFAULT_SEQUENTIAL_GROWTH,
+                                 radii: tuple[float, ...] | None = None,
+                                 optimism: float = DEFAULT_GRID_OPTIMISM,
+                                 patience: int | None = None) -> dict[str, tf.Tensor]:
         """:meth:`certify_sequential` in TF ops (settings baked in as Python constants; ``radii``
         given: the grid rule, with max_radius = max(radii) unless given)."""
         from smoothmix_tf import sequential
@@ -358,7 +367,8 @@ class Smooth:
         images = self.validate_images_graph(images)
         guess, sample_votes = self._sequential_sampler(images, seed, n0, max_n, batch_size)
         return sequential.certify_sequential_from_votes(guess, sample_votes, self.sigma, looks,
-                                                        alpha, max_radius, radius_tolerance, radii)
+                                                        alpha, max_radius, radius_tolerance, radii,
+                                                        optimism, patience)
 
     def _sequential_sampler(self, images: tf.Tensor, seed: tf.Tensor, n0: int, max_n: int,
                             batch_size: int) -> tuple[tf.Tensor, Any]:
