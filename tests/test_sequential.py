@@ -131,14 +131,15 @@ def optimistic_forecast_scipy(count, n, final_n, final_alpha, optimism):
 def test_grid_rule_stops_exactly_when_the_next_grid_radius_is_out_of_reach():
     grid, sigma, final_n, final_alpha = (0.0, 0.25, 0.5, 1.0), 1.0, 100_000, 0.0005
     thresholds = st.norm.cdf(np.array(grid) / sigma)
-    rule = sequential.grid_stop(sequential.grid_thresholds(grid, sigma), final_n, final_alpha)
+    rule = sequential.grid_stop(sequential.grid_thresholds(grid, sigma), final_n, final_alpha,
+                                optimism=2.0)
     n = 1600
     counts = np.arange(0, n + 1, 7, dtype=np.int64)
     for p_lower in (0.0, 0.55, 0.65, 0.75, 0.9):  # current bound: none / 0 / 0.25 / 0.5 / all
         above = thresholds[thresholds > p_lower]
         next_threshold = above.min() if above.size else np.inf
         expected = optimistic_forecast_scipy(counts, n, final_n, final_alpha,
-                                             sequential.DEFAULT_GRID_OPTIMISM) < next_threshold
+                                             2.0) < next_threshold
         got = rule(tf.constant(counts), tf.constant(n, tf.int64),
                    tf.constant(np.full(counts.shape, p_lower)), tf.constant(1e-4, tf.float64))
         np.testing.assert_array_equal(got.numpy(), expected, err_msg=str(p_lower))
@@ -155,21 +156,68 @@ def grid_rule(grid, sigma, max_n):
                                                     max_n, final_alpha)
 
 
-@pytest.mark.parametrize("naive", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_grid_rule_soundness_and_its_naive_variant_fails(naive):
+def patient_grid_rule(grid, sigma, max_n, optimism, patience):
+    """The grid rule with the forecast for the first look at or after ``patience`` samples."""
+    looks = sequential.look_schedule(max_n, 100)
+    alphas = sequential.alpha_schedule(SIM_ALPHA, len(looks))
+    target = sequential.patience_look(looks, patience)
+    return lambda final_alpha: sequential.grid_stop(sequential.grid_thresholds(grid, sigma),
+                                                    looks[target], alphas[target], optimism)
+
+
+@pytest.mark.parametrize("naive,optimism,patience", [
+    (False, sequential.DEFAULT_GRID_OPTIMISM, None), (False, 0.0, 2_000),
+    pytest.param(True, sequential.DEFAULT_GRID_OPTIMISM, None, marks=pytest.mark.slow)])
+def test_grid_rule_soundness_and_its_naive_variant_fails(naive, optimism, patience):
     """With the grid rule, radius > the true radius at most alpha of the time (p just below the
-    grid radius 0.5σ); the same rule with the fixed-n bound at every look exceeds alpha."""
+    grid radius 0.5σ), whatever its optimism and patience (they only decide when to stop); the
+    same rule with the fixed-n bound at every look exceeds alpha."""
     grid, max_n = (0.0, 0.25, 0.5, 1.0), 100_000
     p = st.norm.cdf(0.5) - 0.002
     looks = sequential.look_schedule(max_n, 100)
     out = simulate(p, max_n, (SIM_ALPHA,) * len(looks) if naive else None,
-                   grid_rule(grid, 1.0, max_n), seed=3)
+                   patient_grid_rule(grid, 1.0, max_n, optimism, patience), seed=3)
     wrong = np.mean(sequential.radius_from_lower(out["p_lower"], 1.0).numpy() > st.norm.ppf(p))
     if naive:
         assert wrong > TOLERANCE, (wrong, TOLERANCE)
     else:
         assert wrong <= TOLERANCE, (wrong, TOLERANCE)
         assert out["samples"].mean() < max_n / 2  # and it stops early (a borderline p)
+
+
+def test_grid_rule_patience_gives_up_on_a_slow_climb():
+    """p 0.01 above Φ(0.5): radius 0.25 is quick, 0.5 takes tens of thousands of samples. With
+    patience 5,000 the rule mostly stops near the first look past 5,000 at radius 0.25 (it goes
+    on only while p̂ is lucky enough for the forecast of that look to clear Φ(0.5)); without, it
+    climbs to 0.5 (what CERTIFY with 100,000 samples certifies)."""
+    grid, max_n, runs = (0.0, 0.25, 0.5, 1.0), 100_000, 400
+    p = st.norm.cdf(0.5) + 0.01
+    looks = sequential.look_schedule(max_n, 100)
+    first_past = looks[sequential.patience_look(looks, 5_000)]
+    results = {}
+    for patience in (5_000, None):
+        out = simulate(p, max_n, None, patient_grid_rule(grid, 1.0, max_n, 1.5, patience),
+                       seed=11, runs=runs)
+        results[patience] = (out["samples"],
+                             sequential.radius_from_lower(out["p_lower"], 1.0).numpy())
+    patient_samples, radius = results[5_000]
+    assert patient_samples.mean() <= 1.5 * first_past and np.mean(radius >= 0.25) > 0.99
+    assert np.mean(radius >= 0.5) < 0.5
+    samples, radius = results[None]
+    assert np.mean(radius >= 0.5) > 0.9 and samples.mean() > 3 * patient_samples.mean()
+
+
+def test_patience_look_and_grid_settings():
+    looks = (100, 200, 400, 800, 1000)
+    assert [sequential.patience_look(looks, p) for p in (None, 1, 100, 101, 800, 1000)] == \
+        [4, 0, 0, 1, 3, 4]
+    assert sequential.check_grid_settings(1, None, 1000) == (1.0, None)
+    assert sequential.check_grid_settings(0.0, 1000, 1000) == (0.0, 1000)
+    for optimism, patience, match in [(-1.0, None, "optimism"), (float("nan"), None, "optimism"),
+                                      (True, None, "optimism"), (1.0, 0, "patience"),
+                                      (1.0, 1001, "larger than max_n"), (1.0, 2.5, "patience")]:
+        with pytest.raises(SmoothMixError, match=match):
+            sequential.check_grid_settings(optimism, patience, 1000)
 
 
 def test_check_radii_grid():
