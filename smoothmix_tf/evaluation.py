@@ -30,9 +30,12 @@ PROCEDURES = ("certify", "sequential")
 # Settings that change a row: resuming with any of them different would mix two jobs in one file.
 # ``batch_size`` changes speed only; ``skip``/``max`` only choose which inputs get a row (the row of
 # input i depends on (seed, i), not on the others), so they may change on resume.
+# ``sequential_rule`` (the looks and the stopping rule's settings of a sequential run, None for
+# CERTIFY/PREDICT) makes a resume of a file written under another rule refuse, files of the version
+# that did not record it included (:func:`legacy_sequential_rule`).
 RESULT_FIELDS = ["certify", "n0", "n", "alpha", "seed", "sigma", "checkpoint_sha256", "dataset",
                  "split", "precision", "procedure", "max_n", "radius", "max_radius",
-                 "radii"]
+                 "radii", "sequential_rule"]
 MAX_SEED = 2 ** 63 - 1
 
 
@@ -87,6 +90,83 @@ def check_labels(labels: np.ndarray, indices: Sequence[int], num_classes: int) -
                    "as many classes as the labels.")
 
 
+def sequential_rule(*, radius: float | None = None, radii: Sequence[float] | None = None,
+                    optimism: float | None = None, patience: int | None = None) -> dict[str, Any]:
+    """The looks and stopping rule of a sequential run (recorded as ``sequential_rule`` in its
+    ``<out>.json``): ``certify_at`` when ``radius`` is given (looks growing by
+    ``sequential.DEFAULT_GROWTH``), else ``certify_sequential`` (by
+    ``sequential.DEFAULT_SEQUENTIAL_GROWTH``) with the grid rule when ``radii`` is given
+    (forecast ``optimism`` standard deviations above p̂, default
+    ``sequential.DEFAULT_GRID_OPTIMISM``, made for ``patience`` samples, None = max_n) or the
+    radius-tolerance rule. ``optimism`` / ``patience`` without ``radii`` are refused."""
+    from smoothmix_tf import sequential as checks
+
+    if radii is None and (optimism is not None or patience is not None):
+        raise fail("optimism / patience are settings of the grid rule, which needs the radii you "
+                   "report", "Pass radii (--radii R ...), or drop optimism / patience "
+                   "(--optimism / --patience).")
+    if radius is not None:
+        return {"first_look": checks.DEFAULT_FIRST_LOOK, "growth": checks.DEFAULT_GROWTH}
+    rule = {"first_look": checks.DEFAULT_FIRST_LOOK, "growth": checks.DEFAULT_SEQUENTIAL_GROWTH}
+    if radii is None:
+        return {**rule, "radius_tolerance": checks.DEFAULT_RADIUS_TOLERANCE}
+    return {**rule, "optimism": checks.DEFAULT_GRID_OPTIMISM if optimism is None else optimism,
+            "patience": patience}
+
+
+def legacy_sequential_rule(stored: dict[str, Any]) -> dict[str, Any] | None:
+    """The rule of a ``<out>.json`` written before ``sequential_rule`` was recorded (None: not a
+    sequential run): looks doubling from 100 samples for both procedures; the grid rule's
+    forecast 2 standard deviations above p̂, made for max_n; the tolerance rule's 0.05σ."""
+    if stored.get("procedure") != "sequential":
+        return None
+    rule = {"first_look": 100, "growth": 2.0}
+    if stored.get("radius") is not None:
+        return rule
+    if stored.get("radii") is None:
+        return {**rule, "radius_tolerance": 0.05}
+    return {**rule, "optimism": 2.0, "patience": None}
+
+
+def check_sequential_request(*, certify: bool, n0: int, n: int, alpha: float, batch_size: int,
+                             procedure: str = "certify", radius: float | None = None,
+                             max_n: int | None = None, max_radius: float | None = None,
+                             radii: Sequence[float] | None = None, optimism: float | None = None,
+                             patience: int | None = None) -> dict[str, Any] | None:
+    """The sequential settings of a certification run, checked before any model, data or file is
+    touched: None for a CERTIFY / PREDICT run, else the keyword arguments of
+    :func:`certify_one_sequentially` (``max_n`` defaulting to ``n``, ``radii`` sorted)."""
+    from smoothmix_tf._checks import check_choice
+
+    check_choice("procedure", procedure, PROCEDURES)
+    given = {"radius": radius, "max_n": max_n, "max_radius": max_radius, "radii": radii,
+             "optimism": optimism, "patience": patience}
+    if procedure != "sequential" and any(value is not None for value in given.values()):
+        raise fail(f"{' / '.join(k for k, v in given.items() if v is not None)} apply to "
+                   "sequential certification only",
+                   "Add --sequential (procedure='sequential'), or drop them.")
+    if not (certify and procedure == "sequential"):
+        return None
+    from smoothmix_tf import sequential as checks
+
+    max_n = n if max_n is None else max_n
+    if radius is not None and radii is not None:
+        raise fail("radius and radii were both given",
+                   "Pass radius (one decision) or radii (the grid rule), not both.")
+    rule = sequential_rule(radius=radius, radii=radii, optimism=optimism, patience=patience)
+    checks.check_sequential_settings(n0, max_n, alpha, batch_size, rule["first_look"],
+                                     rule["growth"])
+    checks.check_max_radius(max_radius)
+    if radius is not None:
+        checks.check_radius(radius)
+    if radii is not None:
+        checks.check_radii_grid(radii, max_radius)
+        radii = sorted(float(r) for r in radii)
+        optimism, patience = checks.check_grid_settings(rule["optimism"], patience, max_n)
+    return {"max_n": max_n, "radius": radius, "max_radius": max_radius, "radii": radii,
+            "optimism": optimism, "patience": patience}
+
+
 def _check_resume(out: Path, sidecar: Path, record: dict[str, Any], done: bool) -> None:
     """``resume`` continues the same job: the stored sidecar must match on RESULT_FIELDS."""
     if not done:
@@ -96,6 +176,8 @@ def _check_resume(out: Path, sidecar: Path, record: dict[str, Any], done: bool) 
               "--resume continues the same job", file=sys.stderr)
         return
     stored = json.loads(sidecar.read_text())
+    if "sequential_rule" not in stored:  # written before the rule was recorded: its rule then
+        stored["sequential_rule"] = legacy_sequential_rule(stored)
     fields = RESULT_FIELDS
     if "settings_hash" not in stored:  # written by an older version: compare what it recorded
         fields = [f for f in RESULT_FIELDS if f in stored]
@@ -114,7 +196,8 @@ def run_certification(smooth: Smooth, images: np.ndarray, labels: np.ndarray,
                       progress: bool = True, config: dict[str, Any] | None = None,
                       procedure: str = "certify", radius: float | None = None,
                       max_n: int | None = None, max_radius: float | None = None,
-                      radii: Sequence[float] | None = None) -> Path:
+                      radii: Sequence[float] | None = None, optimism: float | None = None,
+                      patience: int | None = None) -> Path:
     """CERTIFY (or PREDICT) ``images[indices]`` and write the reference TSV to ``out``.
 
     ``config`` (the run's settings) is written beside the TSV as ``<out>.json`` (with the
@@ -124,32 +207,15 @@ def run_certification(smooth: Smooth, images: np.ndarray, labels: np.ndarray,
 
     ``procedure="sequential"`` (with ``certify``) runs sequential CERTIFY instead
     (docs/sequential.md): ``Smooth.certify_sequential`` with ``max_n`` (default ``n``) and
-    ``max_radius`` (and ``radii``, the reported grid: the grid rule), or with ``radius`` the
-    decision ``Smooth.certify_at`` (a certified row has
-    radius = ``radius``, the others predict −1 and radius 0); the TSV gets a ``samples`` column.
+    ``max_radius`` (and ``radii``, the reported grid: the grid rule, with its ``optimism`` and
+    ``patience``), or with ``radius`` the decision ``Smooth.certify_at`` (a certified row has
+    radius = ``radius``, the others predict −1 and radius 0); the TSV gets a ``samples`` column
+    and ``<out>.json`` the rule (``sequential_rule``: looks and stopping-rule settings).
     """
-    from smoothmix_tf._checks import check_choice
-
-    check_choice("procedure", procedure, PROCEDURES)
-    if procedure != "sequential" and (radius, max_n, max_radius, radii) != (None,) * 4:
-        raise fail("radius / max_n / max_radius / radii are settings of sequential certification",
-                   "Add --sequential (procedure='sequential'), or drop them.")
-    sequential = certify and procedure == "sequential"
-    max_n = n if max_n is None else max_n
-    if sequential:  # bad settings fail before any file is written
-        from smoothmix_tf import sequential as checks
-
-        checks.check_sequential_settings(n0, max_n, alpha, batch_size, checks.DEFAULT_FIRST_LOOK,
-                                         checks.DEFAULT_GROWTH)
-        checks.check_max_radius(max_radius)
-        if radius is not None:
-            checks.check_radius(radius)
-        if radii is not None:
-            if radius is not None:
-                raise fail("radius and radii were both given",
-                           "Pass radius (one decision) or radii (the grid rule), not both.")
-            radii = sorted(float(r) for r in radii)
-            checks.check_radii_grid(radii, max_radius)
+    sequential = check_sequential_request(  # bad settings fail before any file is written
+        certify=certify, n0=n0, n=n, alpha=alpha, batch_size=batch_size, procedure=procedure,
+        radius=radius, max_n=max_n, max_radius=max_radius, radii=radii, optimism=optimism,
+        patience=patience)
     out = Path(out)
     sidecar = out.with_suffix(".json")
     ownership.check_output_file(out, sidecar)
@@ -160,14 +226,19 @@ def run_certification(smooth: Smooth, images: np.ndarray, labels: np.ndarray,
               "n0": n0 if certify else None, "n": n, "alpha": alpha,
               "batch_size": batch_size, "seed": seed, "sigma": smooth.sigma,
               "num_inputs": len(indices), **(config or {})}
-    if sequential:
-        record.update(procedure="sequential", max_n=max_n, radius=radius, max_radius=max_radius,
-                      radii=radii)
+    if sequential is not None:
+        record.update(procedure="sequential", max_n=sequential["max_n"],
+                      radius=sequential["radius"], max_radius=sequential["max_radius"],
+                      radii=sequential["radii"],
+                      sequential_rule=sequential_rule(radius=sequential["radius"],
+                                                      radii=sequential["radii"],
+                                                      optimism=sequential["optimism"],
+                                                      patience=sequential["patience"]))
     if (config or {}).get("checkpoint") is not None:
         record["checkpoint_sha256"] = checkpoint_digest(config["checkpoint"])
     record["settings_hash"] = ownership.settings_hash({k: record.get(k) for k in RESULT_FIELDS})
-    columns = SEQUENTIAL_COLUMNS if sequential else (CERTIFY_COLUMNS if certify
-                                                     else PREDICT_COLUMNS)
+    columns = SEQUENTIAL_COLUMNS if sequential is not None else (CERTIFY_COLUMNS if certify
+                                                                 else PREDICT_COLUMNS)
     out.parent.mkdir(parents=True, exist_ok=True)
     with ownership.hold_lock(out):
         writer = analysis.TsvWriter(out, columns=columns, resume=resume)
@@ -177,9 +248,7 @@ def run_certification(smooth: Smooth, images: np.ndarray, labels: np.ndarray,
             atomic_write_text(sidecar, json.dumps(record, indent=2, default=str))
             _certify_rows(smooth, images, labels, indices, writer, certify=certify, n0=n0, n=n,
                           alpha=alpha, batch_size=batch_size, seed=seed, progress=progress,
-                          sequential={"max_n": max_n, "radius": radius, "max_radius": max_radius,
-                                      "radii": radii}
-                          if sequential else None)
+                          sequential=sequential)
     return out
 
 
@@ -220,15 +289,26 @@ def _certify_rows(smooth: Smooth, images: np.ndarray, labels: np.ndarray, indice
 
 def certify_one_sequentially(smooth: Smooth, image: np.ndarray, *, n0: int, max_n: int,
                              alpha: float, batch_size: int, seed: int, radius: float | None,
-                             max_radius: float | None,
-                             radii: Sequence[float] | None = None) -> tuple[int, float, int]:
+                             max_radius: float | None, radii: Sequence[float] | None = None,
+                             optimism: float | None = None,
+                             patience: int | None = None) -> tuple[int, float, int]:
     """(class or −1, certified radius, estimation samples) of one image by sequential CERTIFY:
-    ``certify_at(radius)`` when a radius is given, else ``certify_sequential``."""
-    common = {"alpha": alpha, "n0": n0, "max_n": max_n, "batch_size": batch_size, "seed": seed}
+    ``certify_at(radius)`` when a radius is given, else ``certify_sequential`` (the grid rule
+    with ``optimism`` / ``patience`` when ``radii`` is given), with the looks and rule settings
+    of :func:`sequential_rule` — the ones a run records."""
+    rule = sequential_rule(radius=radius, radii=radii, optimism=optimism, patience=patience)
+    common = {"alpha": alpha, "n0": n0, "max_n": max_n, "batch_size": batch_size, "seed": seed,
+              "first_look": rule["first_look"], "growth": rule["growth"]}
     if radius is not None:
         found = smooth.certify_at(image, radius, **common)
         certified = bool(found["certified"][0])
         return (int(found["classes"][0]), float(radius) if certified else 0.0,
                 int(found["samples"][0]))
-    found = smooth.certify_sequential(image, max_radius=max_radius, radii=radii, **common)
+    if radii is None:
+        found = smooth.certify_sequential(image, max_radius=max_radius,
+                                          radius_tolerance=rule["radius_tolerance"], **common)
+    else:
+        found = smooth.certify_sequential(image, max_radius=max_radius, radii=radii,
+                                          optimism=rule["optimism"], patience=rule["patience"],
+                                          **common)
     return int(found["classes"][0]), float(found["radius"][0]), int(found["samples"][0])

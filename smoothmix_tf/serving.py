@@ -67,7 +67,9 @@ from smoothmix_tf.choices import DEFAULT_MAX_BATCH
 from smoothmix_tf._checks import check_certify_settings, check_predict_settings, check_seed
 from smoothmix_tf.certify import Smooth
 from smoothmix_tf.images import received_shape, validate_images
-from smoothmix_tf.sequential import check_radii_grid
+from smoothmix_tf.sequential import (DEFAULT_FIRST_LOOK, DEFAULT_GRID_OPTIMISM, DEFAULT_GROWTH,
+                                     DEFAULT_SEQUENTIAL_GROWTH, check_grid_settings,
+                                     check_radii_grid)
 
 FORMAT_VERSION = 1
 METADATA_FILE = "smoothmix.json"
@@ -137,6 +139,25 @@ def check_request_radius(radius: tf.Tensor, images: tf.Tensor) -> tf.Tensor:
         return tf.cast(radius, tf.float64)
 
 
+def check_sequential_export(radii: Any, optimism: float | None, patience: int | None,
+                            n: int) -> tuple[tuple[float, ...] | None, float | None, int | None]:
+    """The grid rule of the ``certify_sequential`` signature, checked: (grid, optimism, patience)
+    — optimism defaulting to ``sequential.DEFAULT_GRID_OPTIMISM``, patience None = n — or
+    (None, None, None) for the radius-tolerance rule (no ``radii``; then optimism and patience,
+    settings of the grid rule, are refused)."""
+    if radii is None:
+        if optimism is not None or patience is not None:
+            raise fail("sequential_optimism / sequential_patience are settings of the grid rule, "
+                       "which needs the radii you report",
+                       "Pass sequential_radii (--sequential-radii R ...), or drop "
+                       "--sequential-optimism / --sequential-patience.")
+        return None, None, None
+    grid = check_radii_grid(radii, None)[0]
+    optimism, patience = check_grid_settings(
+        DEFAULT_GRID_OPTIMISM if optimism is None else optimism, patience, n)
+    return grid, optimism, patience
+
+
 # ------------------------------------------------------------------------------------------------
 # the exported module
 # ------------------------------------------------------------------------------------------------
@@ -149,7 +170,8 @@ class SmoothServingModule(tf.Module):
 
     def __init__(self, smooth: Smooth, n0: int, n: int, alpha: float, batch_size: int,
                  seed: int, parallel_images: int = 1, max_batch: int = DEFAULT_MAX_BATCH,
-                 sequential_radii: Any = None):
+                 sequential_radii: Any = None, sequential_optimism: float | None = None,
+                 sequential_patience: int | None = None):
         super().__init__(name="smoothmix_serving")
         if smooth.image_shape is None:
             raise fail("the base network has no static input shape",
@@ -161,8 +183,9 @@ class SmoothServingModule(tf.Module):
                          "batch_size": int(batch_size)}
         self.default_seed = int(seed)
         # certify_sequential's grid rule (docs/sequential.md), fixed at export; None: tolerance
-        self.sequential_radii = None if sequential_radii is None else \
-            check_radii_grid(sequential_radii, None)[0]
+        self.sequential_radii, self.sequential_optimism, self.sequential_patience = \
+            check_sequential_export(sequential_radii, sequential_optimism, sequential_patience,
+                                    int(n))
         self.parallel_images = int(parallel_images)
         self.max_batch = int(max_batch)
         # Track the variables the graph reads (the deployed network: a reduced-precision copy
@@ -273,9 +296,11 @@ class SmoothServingModule(tf.Module):
     # -- sequential CERTIFY (docs/sequential.md): max_n = the export's n, same alpha, n0, seed ---
     def sequential_signatures(self) -> dict[str, Any]:
         """``certify_at`` (inputs images, radius float32 ``[batch]``) and ``certify_sequential``
-        (input images; no max_radius, the default radius tolerance), each image alone with the
-        export-time seed: equal to ``Smooth.certify_at(image[None], radius, alpha, n0, max_n=n,
-        batch_size, seed)`` / ``Smooth.certify_sequential(...)``."""
+        (input images; no max_radius; the grid rule of the export's sequential radii, optimism
+        and patience, else the default radius tolerance), each image alone with the export-time
+        seed: equal to ``Smooth.certify_at(image[None], radius, alpha, n0, max_n=n, batch_size,
+        seed)`` / ``Smooth.certify_sequential(image[None], alpha, n0, max_n=n, batch_size, seed,
+        radii=..., optimism=..., patience=...)`` with their default looks."""
         image_spec = tf.TensorSpec([None, *self.image_shape], tf.float32, name="images")
         radius_spec = tf.TensorSpec([None], tf.float32, name="radius")
 
@@ -293,15 +318,17 @@ class SmoothServingModule(tf.Module):
                 "certify_sequential": tf.function(certify_sequential, autograph=False)
                 .get_concrete_function(image_spec)}
 
-    def _sequential_settings(self) -> dict[str, Any]:
+    def _sequential_settings(self, growth: float) -> dict[str, Any]:
+        """The settings of both sequential procedures; ``growth``: Smooth's default of the
+        procedure (certify_at: DEFAULT_GROWTH, certify_sequential: DEFAULT_SEQUENTIAL_GROWTH)."""
         settings = self.settings
         return {"n0": settings["n0"], "max_n": settings["n"], "alpha": settings["alpha"],
-                "batch_size": settings["batch_size"],
-                "first_look": min(settings["n"], 100)}  # Smooth's default, at most n
+                "batch_size": settings["batch_size"], "growth": growth,
+                "first_look": min(settings["n"], DEFAULT_FIRST_LOOK)}  # Smooth's, at most n
 
     def _certify_at_images(self, images: tf.Tensor, seeds: tf.Tensor, radius: tf.Tensor) -> dict:
         images = self.smooth.validate_images_graph(images)
-        settings = self._sequential_settings()
+        settings = self._sequential_settings(DEFAULT_GROWTH)
 
         def one(args):
             image, seed, r = args
@@ -316,7 +343,10 @@ class SmoothServingModule(tf.Module):
                 **self._parameters(tf.shape(images)[0], seeds, certify=True)}
 
     def _certify_sequential_images(self, images: tf.Tensor, seeds: tf.Tensor) -> dict:
-        settings = {**self._sequential_settings(), "radii": self.sequential_radii}
+        settings = self._sequential_settings(DEFAULT_SEQUENTIAL_GROWTH)
+        if self.sequential_radii is not None:
+            settings.update(radii=self.sequential_radii, optimism=self.sequential_optimism,
+                            patience=self.sequential_patience)
         result = self._each_image(
             lambda x, s: self.smooth.certify_sequential_graph(x, s, **settings),
             SEQUENTIAL_OUTPUTS, images, seeds)
@@ -376,7 +406,10 @@ def signature_descriptions(image_shape: tuple[int | None, ...]) -> dict[str, dic
                     "certified": "bool [batch]", "requested_radius": "float64 [batch]",
                     **sequential}}
     described["certify_sequential"] = {
-        "procedure": "sequential CERTIFY (docs/sequential.md), max_n = n, no max_radius",
+        "procedure": "sequential CERTIFY (docs/sequential.md), max_n = n, no max_radius; the "
+                     "grid rule of sequential_radii / sequential_optimism / "
+                     "sequential_patience when sequential_radii is set, else the radius "
+                     "tolerance",
         "inputs": {"images": f"float32 {shape}, pixels in [0, 1]"},
         "outputs": {"classes": "int64 [batch], class or -1 (abstain)",
                     "radius": "float32 [batch], certified l2 radius (0 when abstaining)",
@@ -396,7 +429,9 @@ def export_metadata(module: SmoothServingModule, run_config: dict | None,
     smooth, settings = module.smooth, module.settings
     written = {**settings, "sigma": smooth.sigma, "default_seed": module.default_seed,
                "max_batch": module.max_batch, "inference_dtype": smooth.inference_dtype,
-               "checkpoint": source, "sequential_radii": module.sequential_radii}
+               "checkpoint": source, "sequential_radii": module.sequential_radii,
+               "sequential_optimism": module.sequential_optimism,
+               "sequential_patience": module.sequential_patience}
     return {
         "format": "smoothmix-tf serving export", "format_version": FORMAT_VERSION,
         "command": "export", "settings_hash": settings_hash(written),
@@ -405,6 +440,8 @@ def export_metadata(module: SmoothServingModule, run_config: dict | None,
         "alpha": settings["alpha"], "noise_batch_size": settings["batch_size"],
         "default_seed": module.default_seed, "max_batch": module.max_batch,
         "sequential_radii": module.sequential_radii,
+        "sequential_optimism": module.sequential_optimism,
+        "sequential_patience": module.sequential_patience,
         "max_certifiable_radius": max_certifiable_radius(smooth.sigma, settings["n"],
                                                          settings["alpha"]),
         "num_classes": smooth.num_classes, "image_shape": list(module.image_shape),
@@ -473,7 +510,8 @@ def export(smooth: Smooth, path: str | Path, n0: int = 100, n: int = 100_000,
            alpha: float = 0.001, batch_size: int = 1000, *, seed: int = 0,
            run_config: dict | None = None, source: str | None = None, overwrite: bool = False,
            parallel_images: int = 1, max_batch: int = DEFAULT_MAX_BATCH,
-           sequential_radii: Any = None) -> Path:
+           sequential_radii: Any = None, sequential_optimism: float | None = None,
+           sequential_patience: int | None = None) -> Path:
     """Write ``smooth`` with PREDICT and CERTIFY as a TF Serving SavedModel at ``path``.
 
     ``path`` is ``MODEL_BASE/VERSION`` (VERSION a number). n0, n, alpha (CERTIFY's failure
@@ -484,8 +522,9 @@ def export(smooth: Smooth, path: str | Path, n0: int = 100, n: int = 100_000,
     request of more than ``max_batch`` images is refused (INVALID_ARGUMENT). Refuses an existing
     version unless ``overwrite`` (and then only a smoothmix export); writes atomically, folders
     0755 and files 0644. ``sequential_radii`` (the radii reported, e.g. 0.25 … 2.75) makes the
-    ``certify_sequential`` signature use the grid rule (docs/sequential.md); None: the radius
-    tolerance. Returns ``path``.
+    ``certify_sequential`` signature use the grid rule (docs/sequential.md), with its forecast
+    ``sequential_optimism`` standard deviations above p̂ (None: the library's default) made for
+    ``sequential_patience`` samples (None: n); None: the radius tolerance. Returns ``path``.
     """
     if not isinstance(smooth, Smooth):
         raise fail(f"export needs a smoothmix_tf.Smooth, got {type(smooth).__name__}",
@@ -501,7 +540,8 @@ def export(smooth: Smooth, path: str | Path, n0: int = 100, n: int = 100_000,
         run_config = json.loads(json.dumps(run_config))  # must be JSON (fails early otherwise)
 
     module = SmoothServingModule(smooth, n0, n, alpha, batch_size, seed, parallel_images,
-                                 max_batch, sequential_radii)
+                                 max_batch, sequential_radii, sequential_optimism,
+                                 sequential_patience)
     signatures = module.signatures()
     metadata = export_metadata(module, run_config, source)
 
@@ -525,7 +565,9 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, n0: int = 10
                            precision: str | None = None, jit_compile: bool = False,
                            overwrite: bool = False, parallel_images: int = 1,
                            max_batch: int = DEFAULT_MAX_BATCH,
-                           sequential_radii: Any = None) -> Path:
+                           sequential_radii: Any = None,
+                           sequential_optimism: float | None = None,
+                           sequential_patience: int | None = None) -> Path:
     """Export a training run (folder with checkpoint.keras + config.json) or a .keras file.
 
     σ defaults to the one the run was trained with (required for a bare base network).
@@ -535,6 +577,7 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, n0: int = 10
     _check_version_path(path, overwrite)  # before the (slow) checkpoint load
     check_certify_settings(n0, n, alpha, batch_size)
     check_seed(seed)
+    check_sequential_export(sequential_radii, sequential_optimism, sequential_patience, n)
     from smoothmix_tf.training import load_trained
 
     base, trained_sigma, run_config = load_trained(checkpoint)
@@ -547,9 +590,11 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, n0: int = 10
                     jit_compile=jit_compile)
     return export(smooth, path, n0, n, alpha, batch_size, seed=seed, run_config=run_config,
                   source=str(checkpoint), overwrite=overwrite, parallel_images=parallel_images,
-                  max_batch=max_batch, sequential_radii=sequential_radii)
+                  max_batch=max_batch, sequential_radii=sequential_radii,
+                  sequential_optimism=sequential_optimism,
+                  sequential_patience=sequential_patience)
 
 
 __all__ = ["SmoothServingModule", "check_request_radius", "check_request_seeds",
-           "existing_versions", "export", "export_from_checkpoint", "max_certifiable_radius",
-           "next_version_path", "read_metadata"]
+           "check_sequential_export", "existing_versions", "export", "export_from_checkpoint",
+           "max_certifiable_radius", "next_version_path", "read_metadata"]

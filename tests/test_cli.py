@@ -174,3 +174,69 @@ def test_sequential_certify_resume_and_analyze(tmp_path, trained_run, tiny_npz, 
     assert main(["certify", "--checkpoint", str(trained_run), "--radius", "0.1", "--out",
                  str(tmp_path / "x.tsv")]) == 2
     assert "--sequential" in capsys.readouterr().err
+
+
+def test_sequential_grid_rule_settings_cli(tmp_path, trained_run, tiny_npz):
+    """`certify --sequential --radii ... --optimism SD --patience N`: rows equal the library's
+    certify_sequential with the same settings and the input's seed; the rule is recorded."""
+    import json
+
+    from smoothmix_tf import sequential
+    from smoothmix_tf.certify import Smooth
+    from smoothmix_tf.evaluation import input_seed
+    from smoothmix_tf.training import load_trained
+
+    tsv = tmp_path / "g.tsv"
+    radii = [0.25, 0.5, 1.0]
+    assert main(["certify", "--checkpoint", str(trained_run), "--sequential", "--n0", "20",
+                 "--max-n", "800", "--batch", "100", "--alpha", "0.01", "--max", "3",
+                 "--radii", *map(str, radii), "--optimism", "0.5", "--patience", "300",
+                 "--out", str(tsv)]) == 0
+    assert json.loads(tsv.with_suffix(".json").read_text())["sequential_rule"] == {
+        "first_look": 100, "growth": sequential.DEFAULT_SEQUENTIAL_GROWTH, "optimism": 0.5,
+        "patience": 300}
+    base, sigma, _ = load_trained(trained_run)
+    smooth = Smooth(base, num_classes=10, sigma=sigma)
+    x = np.load(tiny_npz)["x_test"][:3, :, :, None].astype(np.float32) / 255
+    default = []  # the default grid rule uses other samples: the flags were passed on
+    for i, row in enumerate(tsv.read_text().splitlines()[1:]):
+        found = smooth.certify_sequential(x[i:i + 1], alpha=0.01, n0=20, max_n=800,
+                                          batch_size=100, seed=input_seed(0, i), radii=radii,
+                                          optimism=0.5, patience=300)
+        fields = row.split("\t")
+        assert int(fields[2]) == found["classes"][0] and int(fields[6]) == found["samples"][0]
+        default.append(smooth.certify_sequential(x[i:i + 1], alpha=0.01, n0=20, max_n=800,
+                                                 batch_size=100, seed=input_seed(0, i),
+                                                 radii=radii)["samples"][0])
+    assert [int(r.split("\t")[6]) for r in tsv.read_text().splitlines()[1:]] != default
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["certify", "--sequential", "--optimism", "1"], "Pass radii (--radii R ...)"),
+    (["certify", "--sequential", "--radius", "0.1", "--patience", "200"], "--radii"),
+    (["certify", "--optimism", "1", "--radii", "0.5"], "Add --sequential"),
+    (["certify", "--sequential", "--radii", "0.5", "--optimism", "-1"], "optimism must be"),
+    (["certify", "--sequential", "--radii", "0.5", "--n", "1000", "--patience", "2000"],
+     "patience=2000 is larger than max_n=1000"),
+    (["export", "--sequential-optimism", "1"], "--sequential-radii"),
+    (["export", "--sequential-patience", "200"], "--sequential-radii"),
+    (["export", "--sequential-radii", "0.5", "--n", "1000", "--sequential-patience", "2000"],
+     "patience=2000 is larger than max_n=1000"),
+])
+def test_grid_rule_flags_are_checked_before_loading(argv, message, tmp_path, capsys):
+    """Bad --optimism / --patience (and export's --sequential-*) exit 2 with the fix, before the
+    (missing) checkpoint is even opened."""
+    out = ["--out", str(tmp_path / ("m/1" if argv[0] == "export" else "x.tsv"))]
+    assert main([argv[0], "--checkpoint", "/nonexistent", *argv[1:], *out]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "no checkpoint" not in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_grid_rule_flags_parse():
+    args = build_parser().parse_args(["export", "--checkpoint", "c", "--out", "m/1",
+                                      "--sequential-radii", "0.25", "0.75",
+                                      "--sequential-optimism", "0.5",
+                                      "--sequential-patience", "300"])
+    assert (args.sequential_radii, args.sequential_optimism, args.sequential_patience) == (
+        [0.25, 0.75], 0.5, 300)

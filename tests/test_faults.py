@@ -9,6 +9,7 @@ mismatched resumes, damaged or ambiguous inputs and out-of-range settings each g
 import csv
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 from _helpers import write_bar_digits_npz
 
-from smoothmix_tf import ownership
+from smoothmix_tf import ownership, sequential
 from smoothmix_tf._checks import SmoothMixError
 from smoothmix_tf.certify import Smooth
 from smoothmix_tf.cli import main
@@ -208,6 +209,79 @@ def test_certify_resume_with_other_settings_is_refused_and_keeps_the_sidecar(
     with pytest.raises(SmoothMixError, match=field.replace(".", r"\.")):
         certify_run(smooth, inputs, out, resume=True, **change)
     assert out.with_suffix(".json").read_text() == sidecar and out.read_text() == rows
+
+
+def strip_sequential_rule(sidecar):
+    """Make ``sidecar`` look written by the version that did not record the rule."""
+    record = json.loads(sidecar.read_text())
+    record.pop("sequential_rule", None)
+    sidecar.write_text(json.dumps(record, indent=2))
+    return sidecar.read_text()
+
+
+GRID = dict(procedure="sequential", n=200, radii=[0.5, 1.0])
+TOLERANCE = dict(procedure="sequential", n=200)
+
+
+def rule_text(growth, **settings):
+    """How a resume mismatch prints a sequential rule (a regex)."""
+    return re.escape(repr({"first_look": 100, "growth": growth, **settings}))
+
+
+OPTIMISM, GROWTH = sequential.DEFAULT_GRID_OPTIMISM, sequential.DEFAULT_SEQUENTIAL_GROWTH
+
+
+@pytest.mark.parametrize("first,again,old,change", [
+    (GRID, {**GRID, "optimism": 0.5}, False,
+     rule_text(GROWTH, optimism=OPTIMISM, patience=None) + " -> "
+     + rule_text(GROWTH, optimism=0.5, patience=None)),
+    (GRID, {**GRID, "patience": 120}, False,
+     rule_text(GROWTH, optimism=OPTIMISM, patience=None) + " -> "
+     + rule_text(GROWTH, optimism=OPTIMISM, patience=120)),
+    (GRID, GRID, True,
+     rule_text(2.0, optimism=2.0, patience=None) + " -> "
+     + rule_text(GROWTH, optimism=OPTIMISM, patience=None)),
+    (TOLERANCE, TOLERANCE, True,
+     rule_text(2.0, radius_tolerance=0.05) + " -> " + rule_text(GROWTH, radius_tolerance=0.05)),
+])
+def test_sequential_resume_under_another_rule_is_refused(tmp_path, smooth, inputs, crash_at,
+                                                         first, again, old, change):
+    """Rows of one sequential rule are never mixed with another's: other optimism / patience,
+    or a file of the version that did not record the rule (looks doubling, optimism 2)."""
+    out = tmp_path / "s.tsv"
+    crash_at("tsv_row", 3)
+    with pytest.raises(Crash):
+        certify_run(smooth, inputs, out, **first)
+    ownership.set_crash_hook(None)
+    sidecar = strip_sequential_rule(out.with_suffix(".json")) if old else \
+        out.with_suffix(".json").read_text()
+    rows = out.read_text()
+    with pytest.raises(SmoothMixError, match="sequential_rule: " + change):
+        certify_run(smooth, inputs, out, resume=True, **again)
+    assert out.with_suffix(".json").read_text() == sidecar and out.read_text() == rows
+
+
+def rows_without_time_column(path):
+    return [line.split("\t")[:5] + line.split("\t")[6:] for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("settings", [{}, {"procedure": "sequential", "n": 200, "radius": 0.3}])
+def test_sidecar_without_the_rule_resumes_when_the_rule_is_unchanged(tmp_path, smooth, inputs,
+                                                                     crash_at, settings):
+    """CERTIFY (no sequential rule) and certify_at (looks still doubling) files of the version
+    that did not record ``sequential_rule`` resume to the uninterrupted run."""
+    certify_run(smooth, inputs, tmp_path / "full.tsv", **settings)
+    crash_at("tsv_row", 3)
+    with pytest.raises(Crash):
+        certify_run(smooth, inputs, tmp_path / "cut.tsv", **settings)
+    ownership.set_crash_hook(None)
+    strip_sequential_rule(tmp_path / "cut.json")
+    certify_run(smooth, inputs, tmp_path / "cut.tsv", resume=True, **settings)
+    assert rows_without_time_column(tmp_path / "cut.tsv") == \
+        rows_without_time_column(tmp_path / "full.tsv")
+    stored = json.loads((tmp_path / "cut.json").read_text())
+    assert stored.get("sequential_rule") == ({"first_look": 100, "growth": 2.0} if settings
+                                             else None)
 
 
 def test_certify_resume_with_another_checkpoint_is_refused(tmp_path, smooth, inputs, crash_at):

@@ -313,6 +313,79 @@ def test_grid_rule_in_run_certification_and_cli(linear, tmp_path):
     assert args.sequential_radii == [0.25, 0.75]
 
 
+def tsv_rows(path):
+    """(predict, radius, samples) of each row of a sequential TSV."""
+    rows = [line.split("\t") for line in path.read_text().splitlines()[1:]]
+    return [(int(r[2]), float(r[3]), int(r[6])) for r in rows]
+
+
+@pytest.mark.parametrize("settings,rule", [
+    ({}, {"optimism": sequential.DEFAULT_GRID_OPTIMISM, "patience": None}),
+    ({"optimism": 0.0}, {"optimism": 0.0, "patience": None}),
+    ({"patience": 300}, {"optimism": sequential.DEFAULT_GRID_OPTIMISM, "patience": 300}),
+])
+def test_grid_rule_settings_in_run_certification(linear, tmp_path, settings, rule):
+    """optimism / patience reach Smooth.certify_sequential row by row (same samples, class and
+    radius as the library call with the same settings and the input's seed), change the samples
+    the rows use, and are recorded in the sidecar with the looks (growth 1.25)."""
+    from smoothmix_tf.evaluation import input_seed, run_certification
+
+    smooth, w, x0 = linear
+    images = np.stack([image_at(w, x0, d) for d in (0.25, -0.1)])
+    grid = [0.05, 0.1, 0.2]
+    out = run_certification(smooth, images, np.array([1, 0]), [0, 1], tmp_path / "g.tsv",
+                            n0=50, n=5000, alpha=0.001, seed=3, progress=False,
+                            procedure="sequential", radii=grid, **settings)
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["sequential_rule"] == {"first_look": sequential.DEFAULT_FIRST_LOOK,
+                                         "growth": sequential.DEFAULT_SEQUENTIAL_GROWTH, **rule}
+    default = []
+    for i, (pred, radius, samples) in enumerate(tsv_rows(out)):
+        kwargs = dict(alpha=0.001, n0=50, max_n=5000, radii=grid, seed=input_seed(3, i))
+        found = smooth.certify_sequential(images[i:i + 1], **kwargs, **settings)
+        assert (pred, samples) == (found["classes"][0], found["samples"][0])
+        assert radius == pytest.approx(float(found["radius"][0]), abs=5e-4)  # TSV: 3 decimals
+        default.append(smooth.certify_sequential(images[i:i + 1], **kwargs)["samples"][0])
+    assert ([row[2] for row in tsv_rows(out)] == default) == (settings == {})
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(procedure="sequential", optimism=1.0), "optimism / patience are settings of the grid"),
+    (dict(procedure="sequential", radius=0.1, patience=200), "grid rule, which needs the radii"),
+    (dict(optimism=1.0), "optimism apply to sequential certification only.*--sequential"),
+    (dict(procedure="sequential", radii=[0.1], optimism=-1.0), "optimism must be"),
+    (dict(procedure="sequential", radii=[0.1], optimism=float("inf")), "optimism must be"),
+    (dict(procedure="sequential", radii=[0.1], patience=0), "patience"),
+    (dict(procedure="sequential", radii=[0.1], patience=6000), "patience=6000 is larger than"),
+])
+def test_bad_grid_rule_settings_fail_before_any_file(linear, tmp_path, kwargs, match):
+    from smoothmix_tf.evaluation import run_certification
+
+    smooth, w, x0 = linear
+    out = tmp_path / "e.tsv"
+    with pytest.raises(SmoothMixError, match=match):
+        run_certification(smooth, image_at(w, x0, 0.1)[None], np.array([1]), [0], out, n0=50,
+                          n=5000, alpha=0.001, progress=False, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_certify_one_sequentially_refuses_grid_settings_without_radii(linear):
+    from smoothmix_tf.evaluation import certify_one_sequentially
+
+    smooth, w, x0 = linear
+    with pytest.raises(SmoothMixError, match="Pass radii"):
+        certify_one_sequentially(smooth, image_at(w, x0, 0.1)[None], n0=50, max_n=1000,
+                                 alpha=0.001, batch_size=100, seed=0, radius=None,
+                                 max_radius=None, optimism=0.5)
+
+
+def test_cli_default_optimism_is_the_library_default():
+    """`--help` names the grid rule's default optimism without importing TensorFlow."""
+    from smoothmix_tf import choices
+
+    assert choices.DEFAULT_GRID_OPTIMISM == sequential.DEFAULT_GRID_OPTIMISM
+
+
 def test_batch_invariance(linear):
     smooth, w, x0 = linear
     a, b, c, d = (image_at(w, x0, v) for v in (0.1, -0.15, 0.3, 0.02))
@@ -387,30 +460,60 @@ CHILD = TENSORFLOW_ONLY_PRELUDE + textwrap.dedent("""
 """)
 
 
-def test_serving_module_grid_rule_matches_smooth(linear):
-    """The export's certify_sequential with sequential_radii = Smooth's grid rule, same seed."""
+@pytest.mark.parametrize("optimism,patience", [(None, None), (0.0, 300), (0.5, None)])
+def test_serving_module_grid_rule_matches_smooth(linear, optimism, patience):
+    """The export's certify_sequential with sequential_radii (and optimism / patience) = Smooth's
+    grid rule with the same settings and seed; the settings change the samples used."""
     from smoothmix_tf import serving
 
     smooth, w, x0 = linear
     module = serving.SmoothServingModule(smooth, 30, 3000, 0.001, 500, 6,
-                                         sequential_radii=[0.1, 0.2])
+                                         sequential_radii=[0.1, 0.2],
+                                         sequential_optimism=optimism,
+                                         sequential_patience=patience)
+    assert module.sequential_optimism == (sequential.DEFAULT_GRID_OPTIMISM if optimism is None
+                                          else optimism)
     images = np.stack([image_at(w, x0, d) for d in (0.2, -0.05)]).astype(np.float32)
     served = module._certify_sequential_images(tf.constant(images),
                                                tf.constant([6, 6], tf.int64))
+    settings = {k: v for k, v in (("optimism", optimism), ("patience", patience)) if v is not None}
+    default = []
     for i in range(len(images)):
-        found = smooth.certify_sequential(images[i:i + 1], 0.001, n0=30, max_n=3000,
-                                          batch_size=500, seed=6, radii=[0.1, 0.2])
+        kwargs = dict(n0=30, max_n=3000, batch_size=500, seed=6, radii=[0.1, 0.2])
+        found = smooth.certify_sequential(images[i:i + 1], 0.001, **kwargs, **settings)
         for key in ("classes", "radius", "samples", "p_lower"):
             assert served[key][i].numpy() == found[key][0], key
+        default.append(smooth.certify_sequential(images[i:i + 1], 0.001, **kwargs)["samples"][0])
+    assert (list(served["samples"].numpy()) == default) == (not settings)
 
 
-def test_saved_model_signatures_match_smooth(linear, tmp_path):
+def test_serving_grid_settings_need_radii(linear):
+    from smoothmix_tf import serving
+
+    smooth, _, _ = linear
+    with pytest.raises(SmoothMixError, match="--sequential-radii"):
+        serving.SmoothServingModule(smooth, 30, 3000, 0.001, 500, 6, sequential_optimism=1.0)
+    with pytest.raises(SmoothMixError, match="patience=4000 is larger than max_n=3000"):
+        serving.SmoothServingModule(smooth, 30, 3000, 0.001, 500, 6, sequential_radii=[0.1],
+                                    sequential_patience=4000)
+
+
+@pytest.mark.parametrize("grid", [{}, {"radii": (0.1, 0.2), "optimism": 0.0, "patience": 300}])
+def test_saved_model_signatures_match_smooth(linear, tmp_path, grid):
+    """certify_at / certify_sequential of the SavedModel (loaded without our package) = Smooth's
+    with default looks (and, exported with sequential radii / optimism / patience, the grid rule
+    with those settings), recorded in assets/smoothmix.json."""
     from smoothmix_tf import serving
 
     smooth, w, x0 = linear
     n0, n, alpha, batch, seed = 30, 3000, 0.001, 500, 6
-    serving.export(smooth, tmp_path / "m" / "1", n0=n0, n=n, alpha=alpha, batch_size=batch,
-                   seed=seed)
+    path = serving.export(smooth, tmp_path / "m" / "1", n0=n0, n=n, alpha=alpha,
+                          batch_size=batch, seed=seed, sequential_radii=grid.get("radii"),
+                          sequential_optimism=grid.get("optimism"),
+                          sequential_patience=grid.get("patience"))
+    meta = serving.read_metadata(path)
+    assert (meta["sequential_radii"], meta["sequential_optimism"], meta["sequential_patience"]) \
+        == ((None, None, None) if not grid else ([0.0, 0.1, 0.2], 0.0, 300))
     images = np.stack([image_at(w, x0, d) for d in (0.2, -0.05, 0.0)])
     radius = np.array([0.1, 0.3, 0.0], np.float32)
     np.savez(tmp_path / "inputs.npz", images=images, radius=radius)
@@ -427,7 +530,7 @@ def test_saved_model_signatures_match_smooth(linear, tmp_path):
         at = smooth.certify_at(images[i:i + 1], float(radius[i]), alpha, n0=n0, max_n=n,
                                batch_size=batch, seed=seed)
         found = smooth.certify_sequential(images[i:i + 1], alpha, n0=n0, max_n=n,
-                                          batch_size=batch, seed=seed)
+                                          batch_size=batch, seed=seed, **grid)
         for key in ("classes", "certified", "samples", "p_lower", "count"):
             assert served[f"at/{key}"][i] == at[key][0], key
         for key in ("classes", "radius", "samples", "p_lower", "count"):

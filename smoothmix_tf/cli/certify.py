@@ -6,7 +6,19 @@ from __future__ import annotations
 import argparse
 
 from smoothmix_tf._checks import fail
-from smoothmix_tf.choices import INFERENCE_DTYPES
+from smoothmix_tf.choices import DEFAULT_GRID_OPTIMISM, INFERENCE_DTYPES
+
+# the grid rule's two settings (shared with `smoothmix export --sequential-*`)
+OPTIMISM_HELP = ("the forecast that decides whether a larger reported radius is still reachable "
+                 "assumes p = its estimate + SD standard deviations (default "
+                 f"{DEFAULT_GRID_OPTIMISM}): a larger SD keeps inputs running longer (more "
+                 "samples, closer agreement with CERTIFY's table), a smaller one stops them "
+                 "sooner (fewer samples, some radii lost); the 1 - alpha guarantee holds for any "
+                 "SD")
+PATIENCE_HELP = ("make that forecast for the first look at or after N samples instead of "
+                 "max_n (default): a smaller N stops inputs that would need more samples to "
+                 "reach the next radius (fewer samples, some radii lost); the guarantee holds "
+                 "for any N")
 
 
 def _add_smoothing_args(p, certify: bool) -> None:
@@ -35,6 +47,10 @@ def _add_smoothing_args(p, certify: bool) -> None:
                        help="with --sequential: the radii you report (e.g. 0.25 0.5 ... 2.75): "
                             "stop an input once no larger one of them can be reached (the grid "
                             "rule; --max-radius defaults to the largest)")
+        p.add_argument("--optimism", type=float, default=None, metavar="SD",
+                       help="with --radii: " + OPTIMISM_HELP)
+        p.add_argument("--patience", type=int, default=None, metavar="N",
+                       help="with --radii: " + PATIENCE_HELP)
     p.add_argument("--n", type=int, default=100_000, help="estimation samples (default 100,000)")
     p.add_argument("--alpha", type=float, default=0.001,
                    help="failure probability of the certificate (default 0.001)")
@@ -79,10 +95,16 @@ def add_parser(sub) -> None:
 
 
 def cmd_certify_or_predict(args) -> int:
-    from smoothmix_tf.evaluation import check_certification_request
+    from smoothmix_tf.evaluation import check_certification_request, check_sequential_request
 
     check_certification_request(args.out, certify=args.certify, n0=getattr(args, "n0", 100),
                                 n=args.n, alpha=args.alpha, batch_size=args.batch, seed=args.seed)
+    sequential = {"procedure": "sequential" if getattr(args, "sequential", False) else "certify",
+                  **{name: getattr(args, name, None) for name in
+                     ("radius", "max_n", "max_radius", "radii", "optimism", "patience")}}
+    # bad sequential settings (e.g. --optimism without --radii) fail before anything is loaded
+    check_sequential_request(certify=args.certify, n0=getattr(args, "n0", 100), n=args.n,
+                             alpha=args.alpha, batch_size=args.batch, **sequential)
     from smoothmix_tf import datasets
     from smoothmix_tf.certify import Smooth
     from smoothmix_tf.evaluation import run_certification
@@ -117,10 +139,6 @@ def cmd_certify_or_predict(args) -> int:
                     config={"checkpoint": str(args.checkpoint), "dataset": dataset,
                             "split": args.split, "skip": args.skip, "max": args.max,
                             "precision": args.precision})
-    sequential = {"procedure": "sequential" if getattr(args, "sequential", False) else "certify",
-                  "radius": getattr(args, "radius", None), "max_n": getattr(args, "max_n", None),
-                  "max_radius": getattr(args, "max_radius", None),
-                  "radii": getattr(args, "radii", None)}
     if args.runner == "beam":
         if sequential["procedure"] == "sequential":
             raise fail("--sequential runs with --runner local only",

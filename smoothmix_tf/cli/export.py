@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from smoothmix_tf.choices import DEFAULT_MAX_BATCH, INFERENCE_DTYPES
+from smoothmix_tf.cli.certify import OPTIMISM_HELP, PATIENCE_HELP
 
 EXPORT_DESCRIPTION = """\
 Export a trained smoothed classifier as a TF Serving SavedModel with CERTIFY and PREDICT
@@ -62,6 +63,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="the radii you report (e.g. 0.25 0.5 ... 2.75): the certify_sequential "
                              "signature stops an image once no larger one can be reached (the grid "
                              "rule, docs/sequential.md); default: the radius-tolerance rule")
+    parser.add_argument("--sequential-optimism", type=float, default=None, metavar="SD",
+                        help="with --sequential-radii: " + OPTIMISM_HELP)
+    parser.add_argument("--sequential-patience", type=int, default=None, metavar="N",
+                        help="with --sequential-radii: " + PATIENCE_HELP.replace("max_n", "n"))
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing version (TF Serving does not reload a version "
                              "it already serves: prefer a new version number)")
@@ -78,11 +83,18 @@ def run_export_command(args: argparse.Namespace) -> int:
                                   jit_compile=args.jit_compile, overwrite=args.overwrite,
                                   parallel_images=args.parallel_images,
                                   max_batch=args.max_batch,
-                                  sequential_radii=args.sequential_radii)
+                                  sequential_radii=args.sequential_radii,
+                                  sequential_optimism=args.sequential_optimism,
+                                  sequential_patience=args.sequential_patience)
     meta = read_metadata(path)
     print(f"exported {path} (σ={meta['sigma']}, n0={meta['n0']}, n={meta['n']}, "
           f"alpha={meta['alpha']}; radii up to {meta['max_certifiable_radius']:.3f})")
     print("signatures: " + ", ".join(sorted(meta["signatures"])))
+    if meta.get("sequential_radii") is not None:
+        patience = meta.get("sequential_patience")
+        print(f"certify_sequential: grid rule on radii {meta['sequential_radii']}, forecast "
+              f"{meta.get('sequential_optimism')} sd above the estimate for "
+              f"{meta['n'] if patience is None else patience} samples")
     base = path.resolve().parent
     print(f"serve: docker run --rm -p 8500:8500 -p 8501:8501 -v \"{base}:/models/{base.name}\" "
           f"-e MODEL_NAME={base.name} tensorflow/serving --rest_api_timeout_in_ms=600000")
