@@ -6,6 +6,6 @@ TUNERS = ("random", "bayesian", "hyperband")  # tuning.make_tuner
 INFERENCE_DTYPES = ("float32", "bfloat16", "float16")  # certify.Smooth(inference_dtype=...)
 
 DEFAULT_MAX_BATCH = 64  # images per served request: 64 at n = 100,000 is 6.4 M network evaluations
-# certify_sequential's grid rule: forecast optimism in standard deviations (the value of
-# sequential.DEFAULT_GRID_OPTIMISM, for the --help of certify/export; a test keeps them equal)
+# certify_sequential's grid rule: forecast optimism in standard deviations (chosen on held-out
+# images, docs/sequential.md "The grid rule"; sequential.py and the --help of certify/export use it)
 DEFAULT_GRID_OPTIMISM = 1.5

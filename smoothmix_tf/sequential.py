@@ -40,16 +40,16 @@ from typing import Any
 import tensorflow as tf
 
 from smoothmix_tf._checks import check_int_at_least, check_non_negative, check_open_unit, fail
-from smoothmix_tf.statistics import ABSTAIN, certificate_from_lower, clopper_pearson_lower, radius_from_lower
+from smoothmix_tf.choices import DEFAULT_GRID_OPTIMISM  # the grid rule's p̂ + 1.5 sd
+from smoothmix_tf.statistics import (ABSTAIN, certificate_from_lower, clopper_pearson_lower,
+                                     radius_from_lower)
 
 DEFAULT_FIRST_LOOK = 100
 DEFAULT_GROWTH = 2.0  # certify_at
 DEFAULT_SEQUENTIAL_GROWTH = 1.25  # certify_sequential (docs/sequential.md, "The grid rule")
 DEFAULT_FINAL_SHARE = 0.5
 DEFAULT_RADIUS_TOLERANCE = 0.05  # in units of σ: a fifth of the 0.25σ spacing of Table 2 at σ = 1
-# grid rule: forecast p from p̂ + 1.5 sd (docs/sequential.md, "The grid rule": chosen on the
-# recorded votes of held-out MNIST images, never on the benchmark's own)
-DEFAULT_GRID_OPTIMISM = 1.5
+
 
 # A vote sampler: (start [B], stop [B]) int64 -> votes for the selected class on samples
 # [start_i, stop_i) of input i, int64 [B] (an empty range gives 0 and must cost nothing).

@@ -379,13 +379,6 @@ def test_certify_one_sequentially_refuses_grid_settings_without_radii(linear):
                                  max_radius=None, optimism=0.5)
 
 
-def test_cli_default_optimism_is_the_library_default():
-    """`--help` names the grid rule's default optimism without importing TensorFlow."""
-    from smoothmix_tf import choices
-
-    assert choices.DEFAULT_GRID_OPTIMISM == sequential.DEFAULT_GRID_OPTIMISM
-
-
 def test_batch_invariance(linear):
     smooth, w, x0 = linear
     a, b, c, d = (image_at(w, x0, v) for v in (0.1, -0.15, 0.3, 0.02))
