@@ -94,14 +94,28 @@ def record_votes(checkpoint: str, x: np.ndarray, y: np.ndarray, indices: list[in
     Returns ``idx``, ``label``, ``guess``, ``counts0`` [I, C], ``bits`` (packed, [I, ⌈N/8⌉]),
     ``seconds`` (wall-clock of each image's pass: the cost of CERTIFY's sampling), ``sigma``.
     """
-    from smoothmix_tf.certify import Smooth
-    from smoothmix_tf.evaluation import input_seed
+    from smoothmix_tf.ownership import hold_lock
     from smoothmix_tf.training import load_trained
 
     settings = {"checkpoint_sha256": file_sha256(checkpoint_file(checkpoint)), "n0": n0, "n": n,
                 "seed": seed}
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / f"{Path(checkpoint).resolve().name}-n{n}-seed{seed}.npz"
+    base, sigma, _ = load_trained(checkpoint)
+    with hold_lock(path):  # one writer per record ("in use by pid N" for a second one)
+        rows = _load(path, settings)
+        missing = [i for i in indices if i not in rows]
+        if missing:
+            _record(base, sigma, x, y, missing, rows, path, settings, n0=n0, n=n, seed=seed,
+                    batch_size=batch_size, progress=progress)
+    keep = [rows[i] for i in indices]
+    return {"idx": np.array(indices), "sigma": float(sigma),
+            **{name: np.stack([np.asarray(r[name]) for r in keep])
+               for name in ("label", "guess", "counts0", "bits", "seconds")}}
+
+
+def _load(path: Path, settings: dict) -> dict[int, dict]:
+    """The rows of an existing record (none if there is none); other settings -> an error."""
     rows: dict[int, dict] = {}
     if path.exists():
         with np.load(path) as stored:
@@ -112,29 +126,31 @@ def record_votes(checkpoint: str, x: np.ndarray, y: np.ndarray, indices: list[in
             for k, idx in enumerate(stored["idx"]):
                 rows[int(idx)] = {name: stored[name][k] for name in
                                   ("label", "guess", "counts0", "bits", "seconds")}
-    base, sigma, _ = load_trained(checkpoint)
-    missing = [i for i in indices if i not in rows]
-    if missing:
-        smooth = Smooth(base, num_classes=int(base.output_shape[-1]), sigma=sigma)
-        recorder = VoteRecorder(smooth, batch_size)
-        recorder.record(x[missing[0]], 10 ** 9, n0, min(n, batch_size))  # trace, untimed
-        for done, i in enumerate(missing, 1):
-            start = time.perf_counter()
-            out = recorder.record(x[i], input_seed(seed, i), n0, n)
-            rows[i] = {"label": int(y[i]), "guess": out["guess"], "counts0": out["counts0"],
-                       "bits": np.packbits(out["bits"]),
-                       "seconds": time.perf_counter() - start}
-            if done % 10 == 0 or done == len(missing):
-                _save(path, rows, settings)
-            if progress:
-                print(f"\rσ={sigma}: recorded {done}/{len(missing)} images "
-                      f"({rows[i]['seconds']:.1f} s/image)", end="", file=sys.stderr, flush=True)
+    return rows
+
+
+def _record(base, sigma: float, x: np.ndarray, y: np.ndarray, missing: list[int], rows: dict,
+            path: Path, settings: dict, *, n0: int, n: int, seed: int, batch_size: int,
+            progress: bool) -> None:
+    """Record the images ``missing`` into ``rows``, saving ``path`` every 10 images."""
+    from smoothmix_tf.certify import Smooth
+    from smoothmix_tf.evaluation import input_seed
+
+    smooth = Smooth(base, num_classes=int(base.output_shape[-1]), sigma=sigma)
+    recorder = VoteRecorder(smooth, batch_size)
+    recorder.record(x[missing[0]], 10 ** 9, n0, min(n, batch_size))  # trace, untimed
+    for done, i in enumerate(missing, 1):
+        start = time.perf_counter()
+        out = recorder.record(x[i], input_seed(seed, i), n0, n)
+        rows[i] = {"label": int(y[i]), "guess": out["guess"], "counts0": out["counts0"],
+                   "bits": np.packbits(out["bits"]), "seconds": time.perf_counter() - start}
+        if done % 10 == 0 or done == len(missing):
+            _save(path, rows, settings)
         if progress:
-            print(file=sys.stderr)
-    keep = [rows[i] for i in indices]
-    return {"idx": np.array(indices), "sigma": float(sigma),
-            **{name: np.stack([np.asarray(r[name]) for r in keep])
-               for name in ("label", "guess", "counts0", "bits", "seconds")}}
+            print(f"\rσ={sigma}: recorded {done}/{len(missing)} images "
+                  f"({rows[i]['seconds']:.1f} s/image)", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
 
 
 def _save(path: Path, rows: dict[int, dict], settings: dict) -> None:
