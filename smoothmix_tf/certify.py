@@ -38,7 +38,7 @@ from smoothmix_tf._checks import (
 from smoothmix_tf.choices import INFERENCE_DTYPES
 from smoothmix_tf.hardware import warn_if_bfloat16_is_emulated
 from smoothmix_tf.images import as_image_array, validate_images
-from smoothmix_tf.sequential import DEFAULT_GRID_OPTIMISM, DEFAULT_SEQUENTIAL_GROWTH
+from smoothmix_tf.sequential import DEFAULT_GRID_OPTIMISM, DEFAULT_GROWTH
 from smoothmix_tf.statistics import (
     ABSTAIN,
     binomial_test_two_sided,
@@ -269,7 +269,7 @@ class Smooth:
     # -- sequential CERTIFY (docs/sequential.md; statistics in smoothmix_tf.sequential) --------
     def certify_at(self, images: Any, radius: Any, alpha: float, n0: int = 100,
                    max_n: int = 100_000, batch_size: int = 1000, seed: int = 0, *,
-                   first_look: int = 100, growth: float = 2.0) -> dict[str, np.ndarray]:
+                   first_look: int = 100, growth: float = DEFAULT_GROWTH) -> dict[str, np.ndarray]:
         """Sequential decision "is ĝ certified at ℓ2 radius r around x?" (docs/sequential.md).
 
         Selects ĉ_A on n0 selection samples as CERTIFY, then looks at the estimation votes after
@@ -297,7 +297,7 @@ class Smooth:
     def certify_sequential(self, images: Any, alpha: float, n0: int = 100, max_n: int = 100_000,
                            max_radius: float | None = None, radius_tolerance: float = 0.05,
                            batch_size: int = 1000, seed: int = 0, *, first_look: int = 100,
-                           growth: float = DEFAULT_SEQUENTIAL_GROWTH, radii: Any = None,
+                           growth: float = DEFAULT_GROWTH, radii: Any = None,
                            optimism: float = DEFAULT_GRID_OPTIMISM,
                            patience: int | None = None) -> dict[str, np.ndarray]:
         """Sequential CERTIFY: the largest certifiable radius from as few samples as it needs.
@@ -337,7 +337,7 @@ class Smooth:
 
     def certify_at_graph(self, images: tf.Tensor, seed: tf.Tensor, radius: tf.Tensor, n0: int,
                          max_n: int, alpha: float, batch_size: int, first_look: int = 100,
-                         growth: float = 2.0) -> dict[str, tf.Tensor]:
+                         growth: float = DEFAULT_GROWTH) -> dict[str, tf.Tensor]:
         """:meth:`certify_at` in TF ops: radius float ``[B]`` (or scalar), finite and ≥ 0
         (InvalidArgumentError otherwise); the settings are Python constants baked in."""
         from smoothmix_tf import sequential
@@ -354,7 +354,7 @@ class Smooth:
     def certify_sequential_graph(self, images: tf.Tensor, seed: tf.Tensor, n0: int, max_n: int,
                                  alpha: float, batch_size: int, max_radius: float | None = None,
                                  radius_tolerance: float = 0.05, first_look: int = 100,
-                                 growth: float = DEFAULT_SEQUENTIAL_GROWTH,
+                                 growth: float = DEFAULT_GROWTH,
                                  radii: tuple[float, ...] | None = None,
                                  optimism: float = DEFAULT_GRID_OPTIMISM,
                                  patience: int | None = None) -> dict[str, tf.Tensor]:

@@ -93,9 +93,8 @@ def check_labels(labels: np.ndarray, indices: Sequence[int], num_classes: int) -
 def sequential_rule(*, radius: float | None = None, radii: Sequence[float] | None = None,
                     optimism: float | None = None, patience: int | None = None) -> dict[str, Any]:
     """The looks and stopping rule of a sequential run (recorded as ``sequential_rule`` in its
-    ``<out>.json``): ``certify_at`` when ``radius`` is given (looks growing by
-    ``sequential.DEFAULT_GROWTH``), else ``certify_sequential`` (by
-    ``sequential.DEFAULT_SEQUENTIAL_GROWTH``) with the grid rule when ``radii`` is given
+    ``<out>.json``; looks growing by ``sequential.DEFAULT_GROWTH``): ``certify_at`` when
+    ``radius`` is given, else ``certify_sequential`` with the grid rule when ``radii`` is given
     (forecast ``optimism`` standard deviations above p̂, default
     ``sequential.DEFAULT_GRID_OPTIMISM``, made for ``patience`` samples, None = max_n) or the
     radius-tolerance rule. ``optimism`` / ``patience`` without ``radii`` are refused."""
@@ -105,9 +104,9 @@ def sequential_rule(*, radius: float | None = None, radii: Sequence[float] | Non
         raise fail("optimism / patience are settings of the grid rule, which needs the radii you "
                    "report", "Pass radii (--radii R ...), or drop optimism / patience "
                    "(--optimism / --patience).")
+    rule = {"first_look": checks.DEFAULT_FIRST_LOOK, "growth": checks.DEFAULT_GROWTH}
     if radius is not None:
-        return {"first_look": checks.DEFAULT_FIRST_LOOK, "growth": checks.DEFAULT_GROWTH}
-    rule = {"first_look": checks.DEFAULT_FIRST_LOOK, "growth": checks.DEFAULT_SEQUENTIAL_GROWTH}
+        return rule
     if radii is None:
         return {**rule, "radius_tolerance": checks.DEFAULT_RADIUS_TOLERANCE}
     return {**rule, "optimism": checks.DEFAULT_GRID_OPTIMISM if optimism is None else optimism,

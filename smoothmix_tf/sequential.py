@@ -45,8 +45,7 @@ from smoothmix_tf.statistics import (ABSTAIN, certificate_from_lower, clopper_pe
                                      radius_from_lower)
 
 DEFAULT_FIRST_LOOK = 100
-DEFAULT_GROWTH = 2.0  # certify_at
-DEFAULT_SEQUENTIAL_GROWTH = 1.25  # certify_sequential (docs/sequential.md, "The grid rule")
+DEFAULT_GROWTH = 1.25  # looks grow by a quarter (docs/sequential.md, "Procedure")
 DEFAULT_FINAL_SHARE = 0.5
 DEFAULT_RADIUS_TOLERANCE = 0.05  # in units of σ: a fifth of the 0.25σ spacing of Table 2 at σ = 1
 
@@ -73,7 +72,7 @@ def look_schedule(max_n: int, first_look: int = DEFAULT_FIRST_LOOK,
     if not isinstance(growth, (int, float)) or isinstance(growth, bool) or not growth > 1.0 \
             or not math.isfinite(growth):
         raise fail(f"growth must be a finite number > 1, got {growth!r}",
-                   "Pass e.g. growth=2.0 (the looks double).")
+                   "Pass e.g. growth=1.25 (each look a quarter larger).")
     looks, size = [], float(first_look)
     while round(size) < max_n:
         if not looks or round(size) > looks[-1]:
@@ -377,7 +376,7 @@ def check_max_radius(max_radius: float | None) -> float | None:
 
 
 __all__ = ["DEFAULT_FIRST_LOOK", "DEFAULT_GRID_OPTIMISM", "DEFAULT_GROWTH",
-           "DEFAULT_RADIUS_TOLERANCE", "DEFAULT_SEQUENTIAL_GROWTH", "alpha_schedule",
+           "DEFAULT_RADIUS_TOLERANCE", "alpha_schedule",
            "certify_at_from_votes", "certify_at_stop", "certify_sequential_from_votes",
            "check_grid_settings", "check_max_radius", "check_radii_grid", "check_radius",
            "check_radius_tolerance", "check_sequential_settings", "clopper_pearson_upper",

@@ -68,7 +68,7 @@ from smoothmix_tf._checks import check_certify_settings, check_predict_settings,
 from smoothmix_tf.certify import Smooth
 from smoothmix_tf.images import received_shape, validate_images
 from smoothmix_tf.sequential import (DEFAULT_FIRST_LOOK, DEFAULT_GRID_OPTIMISM, DEFAULT_GROWTH,
-                                     DEFAULT_SEQUENTIAL_GROWTH, check_grid_settings,
+                                     check_grid_settings,
                                      check_radii_grid)
 
 FORMAT_VERSION = 1
@@ -318,17 +318,16 @@ class SmoothServingModule(tf.Module):
                 "certify_sequential": tf.function(certify_sequential, autograph=False)
                 .get_concrete_function(image_spec)}
 
-    def _sequential_settings(self, growth: float) -> dict[str, Any]:
-        """The settings of both sequential procedures; ``growth``: Smooth's default of the
-        procedure (certify_at: DEFAULT_GROWTH, certify_sequential: DEFAULT_SEQUENTIAL_GROWTH)."""
+    def _sequential_settings(self) -> dict[str, Any]:
+        """The settings of both sequential procedures (Smooth's defaults, n as max_n)."""
         settings = self.settings
         return {"n0": settings["n0"], "max_n": settings["n"], "alpha": settings["alpha"],
-                "batch_size": settings["batch_size"], "growth": growth,
+                "batch_size": settings["batch_size"], "growth": DEFAULT_GROWTH,
                 "first_look": min(settings["n"], DEFAULT_FIRST_LOOK)}  # Smooth's, at most n
 
     def _certify_at_images(self, images: tf.Tensor, seeds: tf.Tensor, radius: tf.Tensor) -> dict:
         images = self.smooth.validate_images_graph(images)
-        settings = self._sequential_settings(DEFAULT_GROWTH)
+        settings = self._sequential_settings()
 
         def one(args):
             image, seed, r = args
@@ -343,7 +342,7 @@ class SmoothServingModule(tf.Module):
                 **self._parameters(tf.shape(images)[0], seeds, certify=True)}
 
     def _certify_sequential_images(self, images: tf.Tensor, seeds: tf.Tensor) -> dict:
-        settings = self._sequential_settings(DEFAULT_SEQUENTIAL_GROWTH)
+        settings = self._sequential_settings()
         if self.sequential_radii is not None:
             settings.update(radii=self.sequential_radii, optimism=self.sequential_optimism,
                             patience=self.sequential_patience)

@@ -193,7 +193,7 @@ def test_sequential_grid_rule_settings_cli(tmp_path, trained_run, tiny_npz):
                  "--radii", *map(str, radii), "--optimism", "0.5", "--patience", "300",
                  "--out", str(tsv)]) == 0
     assert json.loads(tsv.with_suffix(".json").read_text())["sequential_rule"] == {
-        "first_look": 100, "growth": sequential.DEFAULT_SEQUENTIAL_GROWTH, "optimism": 0.5,
+        "first_look": 100, "growth": sequential.DEFAULT_GROWTH, "optimism": 0.5,
         "patience": 300}
     base, sigma, _ = load_trained(trained_run)
     smooth = Smooth(base, num_classes=10, sigma=sigma)

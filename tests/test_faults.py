@@ -221,6 +221,7 @@ def strip_sequential_rule(sidecar):
 
 GRID = dict(procedure="sequential", n=200, radii=[0.5, 1.0])
 TOLERANCE = dict(procedure="sequential", n=200)
+AT = dict(procedure="sequential", n=200, radius=0.3)
 
 
 def rule_text(growth, **settings):
@@ -228,7 +229,7 @@ def rule_text(growth, **settings):
     return re.escape(repr({"first_look": 100, "growth": growth, **settings}))
 
 
-OPTIMISM, GROWTH = sequential.DEFAULT_GRID_OPTIMISM, sequential.DEFAULT_SEQUENTIAL_GROWTH
+OPTIMISM, GROWTH = sequential.DEFAULT_GRID_OPTIMISM, sequential.DEFAULT_GROWTH
 
 
 @pytest.mark.parametrize("first,again,old,change", [
@@ -243,11 +244,13 @@ OPTIMISM, GROWTH = sequential.DEFAULT_GRID_OPTIMISM, sequential.DEFAULT_SEQUENTI
      + rule_text(GROWTH, optimism=OPTIMISM, patience=None)),
     (TOLERANCE, TOLERANCE, True,
      rule_text(2.0, radius_tolerance=0.05) + " -> " + rule_text(GROWTH, radius_tolerance=0.05)),
+    (AT, AT, True, rule_text(2.0) + " -> " + rule_text(GROWTH)),
 ])
 def test_sequential_resume_under_another_rule_is_refused(tmp_path, smooth, inputs, crash_at,
                                                          first, again, old, change):
     """Rows of one sequential rule are never mixed with another's: other optimism / patience,
-    or a file of the version that did not record the rule (looks doubling, optimism 2)."""
+    or a file of the version that did not record the rule (looks doubling, optimism 2; this
+    also holds for certify_at, whose looks now grow by 1.25 too)."""
     out = tmp_path / "s.tsv"
     crash_at("tsv_row", 3)
     with pytest.raises(Crash):
@@ -265,23 +268,19 @@ def rows_without_time_column(path):
     return [line.split("\t")[:5] + line.split("\t")[6:] for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("settings", [{}, {"procedure": "sequential", "n": 200, "radius": 0.3}])
-def test_sidecar_without_the_rule_resumes_when_the_rule_is_unchanged(tmp_path, smooth, inputs,
-                                                                     crash_at, settings):
-    """CERTIFY (no sequential rule) and certify_at (looks still doubling) files of the version
-    that did not record ``sequential_rule`` resume to the uninterrupted run."""
-    certify_run(smooth, inputs, tmp_path / "full.tsv", **settings)
+def test_certify_sidecar_without_the_rule_resumes(tmp_path, smooth, inputs, crash_at):
+    """A CERTIFY file of the version that did not record ``sequential_rule`` (none applies to
+    CERTIFY) resumes to the uninterrupted run."""
+    certify_run(smooth, inputs, tmp_path / "full.tsv")
     crash_at("tsv_row", 3)
     with pytest.raises(Crash):
-        certify_run(smooth, inputs, tmp_path / "cut.tsv", **settings)
+        certify_run(smooth, inputs, tmp_path / "cut.tsv")
     ownership.set_crash_hook(None)
     strip_sequential_rule(tmp_path / "cut.json")
-    certify_run(smooth, inputs, tmp_path / "cut.tsv", resume=True, **settings)
+    certify_run(smooth, inputs, tmp_path / "cut.tsv", resume=True)
     assert rows_without_time_column(tmp_path / "cut.tsv") == \
         rows_without_time_column(tmp_path / "full.tsv")
-    stored = json.loads((tmp_path / "cut.json").read_text())
-    assert stored.get("sequential_rule") == ({"first_look": 100, "growth": 2.0} if settings
-                                             else None)
+    assert json.loads((tmp_path / "cut.json").read_text()).get("sequential_rule") is None
 
 
 def test_certify_resume_with_another_checkpoint_is_refused(tmp_path, smooth, inputs, crash_at):
