@@ -298,7 +298,7 @@ class Smooth:
                            max_radius: float | None = None, radius_tolerance: float = 0.05,
                            batch_size: int = 1000, seed: int = 0, *, first_look: int = 100,
                            growth: float = DEFAULT_GROWTH, radii: Any = None,
-                           optimism: float = DEFAULT_GRID_OPTIMISM,
+                           optimism: float | None = None,
                            patience: int | None = None) -> dict[str, np.ndarray]:
         """Sequential CERTIFY: the largest certifiable radius from as few samples as it needs.
 
@@ -309,8 +309,10 @@ class Smooth:
         the current estimate), or at max_n. ``radii`` (the radii you report, e.g. a
         certified-accuracy table's grid; ``max_radius`` defaults to their maximum) replaces the
         tolerance by the grid rule: stop as soon as no grid radius above the current radius can
-        still be reached — even an optimistic forecast (p̂ + ``optimism`` standard deviations)
-        of the bound after ``patience`` samples (None: max_n) falls short of the next one
+        still be reached — even an optimistic forecast (p̂ + ``optimism`` standard deviations,
+        None: ``sequential.DEFAULT_GRID_OPTIMISM`` = 1.5) of the bound after ``patience``
+        samples (None: max_n) falls short of the next one; without ``radii``, optimism and
+        patience are refused
         (docs/sequential.md, "The grid rule"). Guarantee: per image, P[class c ≠ −1 returned
         while g(x + e) = c fails for some ‖e‖₂ < radius] ≤ alpha, whatever the stopping time
         (the rule's settings only decide when to stop). With ``first_look = max_n`` this is
@@ -323,12 +325,11 @@ class Smooth:
         settings["max_radius"] = sequential.check_max_radius(as_float(max_radius))
         settings["radius_tolerance"] = sequential.check_radius_tolerance(
             as_float(radius_tolerance))
-        if radii is not None:
-            settings["radii"], settings["max_radius"] = sequential.check_radii_grid(
-                radii, settings["max_radius"])
-            settings["optimism"], settings["patience"] = sequential.check_grid_settings(
-                as_float(optimism), None if patience is None else as_int(patience),
-                settings["max_n"])
+        grid, settings["max_radius"], optimism, patience = sequential.check_grid_rule(
+            radii, settings["max_radius"], None if optimism is None else as_float(optimism),
+            None if patience is None else as_int(patience), settings["max_n"])
+        if grid is not None:
+            settings.update(radii=grid, optimism=optimism, patience=patience)
         seed = check_seed(seed)
         images = self.check_images(images)
         function = self._function("certify_sequential", **settings)

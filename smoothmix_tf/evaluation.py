@@ -97,13 +97,9 @@ def sequential_rule(*, radius: float | None = None, radii: Sequence[float] | Non
     ``radius`` is given, else ``certify_sequential`` with the grid rule when ``radii`` is given
     (forecast ``optimism`` standard deviations above p̂, default
     ``sequential.DEFAULT_GRID_OPTIMISM``, made for ``patience`` samples, None = max_n) or the
-    radius-tolerance rule. ``optimism`` / ``patience`` without ``radii`` are refused."""
+    radius-tolerance rule (settings checked by ``sequential.check_grid_rule``)."""
     from smoothmix_tf import sequential as checks
 
-    if radii is None and (optimism is not None or patience is not None):
-        raise fail("optimism / patience are settings of the grid rule, which needs the radii you "
-                   "report", "Pass radii (--radii R ...), or drop optimism / patience "
-                   "(--optimism / --patience).")
     rule = {"first_look": checks.DEFAULT_FIRST_LOOK, "growth": checks.DEFAULT_GROWTH}
     if radius is not None:
         return rule
@@ -134,7 +130,8 @@ def check_sequential_request(*, certify: bool, n0: int, n: int, alpha: float, ba
                              patience: int | None = None) -> dict[str, Any] | None:
     """The sequential settings of a certification run, checked before any model, data or file is
     touched: None for a CERTIFY / PREDICT run, else the keyword arguments of
-    :func:`certify_one_sequentially` (``max_n`` defaulting to ``n``, ``radii`` sorted)."""
+    :func:`certify_one_sequentially` (``max_n`` defaulting to ``n``, ``radii`` sorted, ``rule``
+    the :func:`sequential_rule` the run records)."""
     from smoothmix_tf._checks import check_choice
 
     check_choice("procedure", procedure, PROCEDURES)
@@ -152,18 +149,18 @@ def check_sequential_request(*, certify: bool, n0: int, n: int, alpha: float, ba
     if radius is not None and radii is not None:
         raise fail("radius and radii were both given",
                    "Pass radius (one decision) or radii (the grid rule), not both.")
-    rule = sequential_rule(radius=radius, radii=radii, optimism=optimism, patience=patience)
-    checks.check_sequential_settings(n0, max_n, alpha, batch_size, rule["first_look"],
-                                     rule["growth"])
     checks.check_max_radius(max_radius)
     if radius is not None:
         checks.check_radius(radius)
+    _, _, optimism, patience = checks.check_grid_rule(radii, max_radius, optimism, patience,
+                                                      max_n)
     if radii is not None:
-        checks.check_radii_grid(radii, max_radius)
         radii = sorted(float(r) for r in radii)
-        optimism, patience = checks.check_grid_settings(rule["optimism"], patience, max_n)
+    rule = sequential_rule(radius=radius, radii=radii, optimism=optimism, patience=patience)
+    checks.check_sequential_settings(n0, max_n, alpha, batch_size, rule["first_look"],
+                                     rule["growth"])
     return {"max_n": max_n, "radius": radius, "max_radius": max_radius, "radii": radii,
-            "optimism": optimism, "patience": patience}
+            "optimism": optimism, "patience": patience, "rule": rule}
 
 
 def _check_resume(out: Path, sidecar: Path, record: dict[str, Any], done: bool) -> None:
@@ -228,11 +225,7 @@ def run_certification(smooth: Smooth, images: np.ndarray, labels: np.ndarray,
     if sequential is not None:
         record.update(procedure="sequential", max_n=sequential["max_n"],
                       radius=sequential["radius"], max_radius=sequential["max_radius"],
-                      radii=sequential["radii"],
-                      sequential_rule=sequential_rule(radius=sequential["radius"],
-                                                      radii=sequential["radii"],
-                                                      optimism=sequential["optimism"],
-                                                      patience=sequential["patience"]))
+                      radii=sequential["radii"], sequential_rule=sequential["rule"])
     if (config or {}).get("checkpoint") is not None:
         record["checkpoint_sha256"] = checkpoint_digest(config["checkpoint"])
     record["settings_hash"] = ownership.settings_hash({k: record.get(k) for k in RESULT_FIELDS})
@@ -289,13 +282,18 @@ def _certify_rows(smooth: Smooth, images: np.ndarray, labels: np.ndarray, indice
 def certify_one_sequentially(smooth: Smooth, image: np.ndarray, *, n0: int, max_n: int,
                              alpha: float, batch_size: int, seed: int, radius: float | None,
                              max_radius: float | None, radii: Sequence[float] | None = None,
-                             optimism: float | None = None,
-                             patience: int | None = None) -> tuple[int, float, int]:
+                             optimism: float | None = None, patience: int | None = None,
+                             rule: dict[str, Any] | None = None) -> tuple[int, float, int]:
     """(class or −1, certified radius, estimation samples) of one image by sequential CERTIFY:
     ``certify_at(radius)`` when a radius is given, else ``certify_sequential`` (the grid rule
     with ``optimism`` / ``patience`` when ``radii`` is given), with the looks and rule settings
-    of :func:`sequential_rule` — the ones a run records."""
-    rule = sequential_rule(radius=radius, radii=radii, optimism=optimism, patience=patience)
+    of :func:`sequential_rule` — the ones a run records (``rule``: already built by
+    :func:`check_sequential_request`)."""
+    from smoothmix_tf import sequential as checks
+
+    checks.check_grid_rule(radii, max_radius, optimism, patience, max_n)
+    if rule is None:
+        rule = sequential_rule(radius=radius, radii=radii, optimism=optimism, patience=patience)
     common = {"alpha": alpha, "n0": n0, "max_n": max_n, "batch_size": batch_size, "seed": seed,
               "first_look": rule["first_look"], "growth": rule["growth"]}
     if radius is not None:

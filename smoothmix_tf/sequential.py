@@ -49,7 +49,6 @@ DEFAULT_GROWTH = 1.25  # looks grow by a quarter (docs/sequential.md, "Procedure
 DEFAULT_FINAL_SHARE = 0.5
 DEFAULT_RADIUS_TOLERANCE = 0.05  # in units of σ: a fifth of the 0.25σ spacing of Table 2 at σ = 1
 
-
 # A vote sampler: (start [B], stop [B]) int64 -> votes for the selected class on samples
 # [start_i, stop_i) of input i, int64 [B] (an empty range gives 0 and must cost nothing).
 VoteSampler = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
@@ -162,11 +161,14 @@ def sequential_stop(sigma: float, final_n: int, final_alpha: float, max_radius: 
     return stop
 
 
+def radius_threshold(radius: Any, sigma: float) -> tf.Tensor:
+    """Φ(r/σ), float64: p̲ ≥ Φ(r/σ) ⟺ radius σ·Φ⁻¹(p̲) ≥ r (r = 0: p̲ ≥ ½, not abstaining)."""
+    return 0.5 * tf.math.erfc(-tf.cast(radius, tf.float64) / (sigma * math.sqrt(2.0)))
+
+
 def grid_thresholds(radii: tuple[float, ...], sigma: float) -> tf.Tensor:
-    """Φ(r/σ) of each grid radius, ascending, float64: p̲ ≥ Φ(r/σ) ⟺ radius σ·Φ⁻¹(p̲) ≥ r
-    (r = 0: p̲ ≥ ½, i.e. not abstaining)."""
-    radii_t = tf.constant(sorted(radii), tf.float64)
-    return 0.5 * tf.math.erfc(-radii_t / (sigma * math.sqrt(2.0)))
+    """Φ(r/σ) of each grid radius, ascending (:func:`radius_threshold`)."""
+    return radius_threshold(tf.constant(sorted(radii), tf.float64), sigma)
 
 
 def optimistic_final_lower(count: tf.Tensor, n: tf.Tensor, final_n: int, final_alpha: float,
@@ -253,7 +255,7 @@ def certify_at_from_votes(guess: tf.Tensor, sample_votes: VoteSampler, radius: t
     ``p_lower``, ``count``, ``guess``."""
     alphas = alpha_schedule(alpha, len(looks))
     max_n = looks[-1]
-    threshold = 0.5 * tf.math.erfc(-tf.cast(radius, tf.float64) / (sigma * math.sqrt(2.0)))
+    threshold = radius_threshold(radius, sigma)
     reachable = clopper_pearson_lower(max_n, max_n, alphas[-1]) >= threshold
     found = run_looks(sample_votes, reachable, looks, alphas,
                       certify_at_stop(threshold, max_n, alphas[-1]))
@@ -320,14 +322,33 @@ def check_radius_tolerance(radius_tolerance: float) -> float:
                                     f"Pass e.g. radius_tolerance={DEFAULT_RADIUS_TOLERANCE}."))
 
 
+def check_grid_rule(radii: Any, max_radius: float | None, optimism: float | None,
+                    patience: int | None, max_n: int) -> tuple[tuple[float, ...] | None,
+                                                               float | None, float | None,
+                                                               int | None]:
+    """The stopping rule of certify_sequential, checked (Smooth, the CLI and the export all
+    call this): with ``radii``, the grid rule -> (grid, max_radius, optimism — None: the
+    default —, patience); without, the tolerance rule -> (None, max_radius, None, None), and
+    ``optimism`` / ``patience``, settings of the grid rule only, are refused."""
+    if radii is None:
+        if optimism is not None or patience is not None:
+            raise fail("optimism / patience are settings of the grid rule, which needs the radii "
+                       "you report",
+                       "Pass radii (CLI --radii R ..., export --sequential-radii R ...), or drop "
+                       "optimism / patience.")
+        return None, max_radius, None, None
+    grid, max_radius = check_radii_grid(radii, max_radius)
+    optimism, patience = check_grid_settings(
+        DEFAULT_GRID_OPTIMISM if optimism is None else optimism, patience, max_n)
+    return grid, max_radius, optimism, patience
+
+
 def check_grid_settings(optimism: float, patience: int | None, max_n: int) -> tuple[float,
                                                                                   int | None]:
     """The grid rule's forecast optimism (finite, >= 0, in standard deviations) and patience
     (None, or a number of samples in [1, max_n])."""
-    if isinstance(optimism, bool) or not isinstance(optimism, (int, float)) \
-            or not math.isfinite(optimism) or optimism < 0:
-        raise fail(f"optimism must be a finite number >= 0 (standard deviations), got "
-                   f"{optimism!r}", f"Pass e.g. optimism={DEFAULT_GRID_OPTIMISM}.")
+    optimism = check_non_negative("optimism", optimism, f"Pass e.g. optimism="
+                                  f"{DEFAULT_GRID_OPTIMISM} (standard deviations above p̂).")
     if patience is not None:
         check_int_at_least("patience (samples to reach the next grid radius)", patience, 1)
         if patience > max_n:
@@ -378,8 +399,8 @@ def check_max_radius(max_radius: float | None) -> float | None:
 __all__ = ["DEFAULT_FIRST_LOOK", "DEFAULT_GRID_OPTIMISM", "DEFAULT_GROWTH",
            "DEFAULT_RADIUS_TOLERANCE", "alpha_schedule",
            "certify_at_from_votes", "certify_at_stop", "certify_sequential_from_votes",
-           "check_grid_settings", "check_max_radius", "check_radii_grid", "check_radius",
-           "check_radius_tolerance", "check_sequential_settings", "clopper_pearson_upper",
+           "check_grid_rule", "check_grid_settings", "check_max_radius", "check_radii_grid",
+           "check_radius", "check_radius_tolerance", "check_sequential_settings", "clopper_pearson_upper",
            "expected_final_lower", "grid_stop", "grid_thresholds", "look_schedule",
            "max_radius_at", "optimistic_final_lower", "patience_look", "projected_final_lower",
-           "radius_from_lower", "run_looks", "sequential_stop"]
+           "radius_from_lower", "radius_threshold", "run_looks", "sequential_stop"]

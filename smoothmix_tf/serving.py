@@ -72,10 +72,8 @@ from smoothmix_tf.choices import DEFAULT_MAX_BATCH
 from smoothmix_tf.images import received_shape, validate_images
 from smoothmix_tf.sequential import (
     DEFAULT_FIRST_LOOK,
-    DEFAULT_GRID_OPTIMISM,
     DEFAULT_GROWTH,
-    check_grid_settings,
-    check_radii_grid,
+    check_grid_rule,
 )
 from smoothmix_tf.serving_metadata import METADATA_FILE, export_metadata, read_metadata
 
@@ -135,25 +133,6 @@ def check_request_radius(radius: tf.Tensor, images: tf.Tensor) -> tf.Tensor:
         return tf.cast(radius, tf.float64)
 
 
-def check_sequential_export(radii: Any, optimism: float | None, patience: int | None,
-                            n: int) -> tuple[tuple[float, ...] | None, float | None, int | None]:
-    """The grid rule of the ``certify_sequential`` signature, checked: (grid, optimism, patience)
-    — optimism defaulting to ``sequential.DEFAULT_GRID_OPTIMISM``, patience None = n — or
-    (None, None, None) for the radius-tolerance rule (no ``radii``; then optimism and patience,
-    settings of the grid rule, are refused)."""
-    if radii is None:
-        if optimism is not None or patience is not None:
-            raise fail("sequential_optimism / sequential_patience are settings of the grid rule, "
-                       "which needs the radii you report",
-                       "Pass sequential_radii (--sequential-radii R ...), or drop "
-                       "--sequential-optimism / --sequential-patience.")
-        return None, None, None
-    grid = check_radii_grid(radii, None)[0]
-    optimism, patience = check_grid_settings(
-        DEFAULT_GRID_OPTIMISM if optimism is None else optimism, patience, n)
-    return grid, optimism, patience
-
-
 # ------------------------------------------------------------------------------------------------
 # the exported module
 # ------------------------------------------------------------------------------------------------
@@ -179,9 +158,9 @@ class SmoothServingModule(tf.Module):
                          "batch_size": int(batch_size)}
         self.default_seed = int(seed)
         # certify_sequential's grid rule (docs/sequential.md), fixed at export; None: tolerance
-        self.sequential_radii, self.sequential_optimism, self.sequential_patience = \
-            check_sequential_export(sequential_radii, sequential_optimism, sequential_patience,
-                                    int(n))
+        self.sequential_radii, _, self.sequential_optimism, self.sequential_patience = \
+            check_grid_rule(sequential_radii, None, sequential_optimism, sequential_patience,
+                            int(n))
         self.parallel_images = int(parallel_images)
         self.max_batch = int(max_batch)
         # Track the variables the graph reads (the deployed network: a reduced-precision copy
@@ -454,7 +433,7 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, n0: int = 10
     _check_version_path(path, overwrite)  # before the (slow) checkpoint load
     check_certify_settings(n0, n, alpha, batch_size)
     check_seed(seed)
-    check_sequential_export(sequential_radii, sequential_optimism, sequential_patience, n)
+    check_grid_rule(sequential_radii, None, sequential_optimism, sequential_patience, n)
     from smoothmix_tf.training import load_trained
 
     base, trained_sigma, run_config = load_trained(checkpoint)
@@ -473,5 +452,5 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, n0: int = 10
 
 
 __all__ = ["SmoothServingModule", "check_request_radius", "check_request_seeds",
-           "check_sequential_export", "existing_versions", "export", "export_from_checkpoint",
+           "existing_versions", "export", "export_from_checkpoint",
            "next_version_path", "read_metadata"]

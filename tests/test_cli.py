@@ -212,7 +212,7 @@ def test_sequential_grid_rule_settings_cli(tmp_path, trained_run, tiny_npz):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["certify", "--sequential", "--optimism", "1"], "Pass radii (--radii R ...)"),
+    (["certify", "--sequential", "--optimism", "1"], "Pass radii (CLI --radii R ..."),
     (["certify", "--sequential", "--radius", "0.1", "--patience", "200"], "--radii"),
     (["certify", "--optimism", "1", "--radii", "0.5"], "Add --sequential"),
     (["certify", "--sequential", "--radii", "0.5", "--optimism", "-1"], "optimism must be"),

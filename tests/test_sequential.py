@@ -430,6 +430,11 @@ def test_bad_sequential_settings(linear):
         smooth.certify_sequential(image, alpha=0.001, max_n=1000, radius_tolerance=-0.1)
     with pytest.raises(SmoothMixError, match="2 radii for 1 images"):
         smooth.certify_at(image, [0.1, 0.2], alpha=0.001, max_n=1000)
+    for grid_setting in ({"optimism": 1.0}, {"patience": 500}):  # no radii: was ignored
+        with pytest.raises(SmoothMixError, match="settings of the grid rule"):
+            smooth.certify_sequential(image, alpha=0.001, max_n=1000, **grid_setting)
+    with pytest.raises(SmoothMixError, match="optimism must be"):
+        smooth.certify_sequential(image, alpha=0.001, max_n=1000, radii=[0.1], optimism=-1.0)
 
 
 # ------------------------------------------------------------------------------------------------
