@@ -1,7 +1,10 @@
 """Benchmark tools. bench/_flops.py: the model FLOPs of a traced train step equal closed forms
 written out by hand from the layer shapes and the number of passes each objective makes (the
 throughput benchmark uses them to say how much of the processor a training rate uses).
-bench/epoch_throughput.py: its epoch times nest (steps within the training pass within the epoch) and add up to the run."""
+bench/epoch_throughput.py: its epoch times nest (steps within the training pass within the epoch) and add up to the run.
+bench/sequential_frontier.py and bench/sequential_bound_reference.py: the Wald lower bound by hand,
+the recovery of vote counts from released radii (statsmodels' exact bound), the mixture evidence
+against numerical integration."""
 
 from __future__ import annotations
 
@@ -141,3 +144,57 @@ def test_markdown_table_has_a_header_separator_and_one_line_per_row():
     machine = load("_machine")
     assert machine.markdown_table(["a", "b"], [[1, "x"], ["2", 3.5]]).splitlines() == [
         "| a | b |", "| --- | --- |", "| 1 | x |", "| 2 | 3.5 |"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the sequential-certification bounds of bench/sequential_frontier.py and
+# bench/sequential_bound_reference.py (docs/sequential.md, "How far from the best possible")
+# ------------------------------------------------------------------------------------------------
+def test_reference_counts_invert_clopper_pearson_radii():
+    """A released radius σ·Φ⁻¹(p̲) maps back to the vote count that produced it (statsmodels'
+    exact bound as the independent reference); abstentions (radius 0) to N/2."""
+    from scipy.stats import norm
+    from statsmodels.stats.proportion import proportion_confint
+
+    reference = load("sequential_bound_reference")
+    counts = np.array([50_600, 60_000, 84_135, 97_725, 99_900, 99_999, 100_000])
+    lower = proportion_confint(counts, reference.N, alpha=2 * reference.ALPHA, method="beta")[0]
+    radii = norm.ppf(lower) * 0.5
+    np.testing.assert_array_equal(reference.counts_from_radii(radii, 0.5), counts)
+    assert reference.counts_from_radii(np.array([0.0]), 0.5)[0] == reference.N // 2
+    low, high = reference.rounding_interval(np.array([2.88, 0.5, 0.0]))
+    np.testing.assert_allclose(low, [2.875, 0.4995, 0.0])
+    np.testing.assert_allclose(high, [2.885, 0.5005, 0.0])
+
+
+def test_wald_lower_bound_by_hand():
+    """Three images at grid levels 2, 1, 0: the bound is N / mean(ln(1/α)/KL(p‖t_level)); with one
+    image per radius allowed to drop a level, the costlier one drops to the level below."""
+    frontier = load("sequential_frontier")
+    n, alpha = 100_000, 0.001
+    thresholds = np.array([0.5, 0.9])
+    count = np.array([95_000, 70_000, 40_000])  # CERTIFY: levels 2, 1, 0
+    correct = np.array([True, True, True])
+
+    def kl(p, q):
+        return p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
+
+    cost = [np.log(1 / alpha) / kl(0.95, 0.9), np.log(1 / alpha) / kl(0.7, 0.5), 0.0]
+    exact, dropped = frontier.lower_bound(count, correct, thresholds, alpha, n, 0)
+    assert exact == pytest.approx(n / np.mean(cost), rel=1e-12) and dropped == exact
+    _, dropped = frontier.lower_bound(count, correct, thresholds, alpha, n, 1)
+    cheaper = [np.log(1 / alpha) / kl(0.95, 0.5), 0.0, 0.0]  # image 0 to level 1, image 1 to 0
+    assert dropped == pytest.approx(n / np.mean(cheaper), rel=1e-12)
+
+
+def test_mixture_evidence_is_the_integral_it_names():
+    """ln E_n(t) (the alternative bound of the frontier) against numerical integration of the
+    likelihood ratio of q against t over q ~ Uniform[t, 1]."""
+    from scipy.integrate import quad
+
+    frontier = load("sequential_frontier")
+    for count, n, t in [(40, 50, 0.6), (50, 50, 0.9), (7, 20, 0.2), (990, 1000, 0.97)]:
+        ratio = lambda q: (q / t) ** count * ((1 - q) / (1 - t)) ** (n - count)  # noqa: E731
+        integral, _ = quad(ratio, t, 1, epsabs=0, epsrel=1e-12, limit=200)
+        assert frontier.log_evidence(count, n, t) == pytest.approx(
+            np.log(integral / (1 - t)), abs=1e-8)
