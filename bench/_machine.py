@@ -125,6 +125,17 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(str(cell) for cell in line) + " |" for line in lines)
 
 
+def publish_markdown(lines: list[str], out: str | None) -> str:
+    """Join a report's lines, write them to ``out`` (atomically; None: nowhere) and print them."""
+    text = "\n".join(lines) + "\n"
+    if out:
+        from smoothmix_tf.atomic import atomic_write_text
+
+        atomic_write_text(out, text)
+    print(text)
+    return text
+
+
 def machine_line(load: bool = True) -> str:
     """Processor and core count, and the 1-minute load average unless ``load=False``."""
     line = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"

@@ -24,6 +24,7 @@ import numpy as np
 from scipy.stats import norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import publish_markdown  # noqa: E402
 from sequential_frontier import cp_lower, lower_bound  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def bounds(path: Path, sigma: float, max_radius: float, rows: int | None, draws:
     keep = slice(None) if rows is None else slice(0, rows)
     radius, predict = result.radius[keep], result.predict[keep]
     correct = (result.correct[keep] == 1) & (predict >= 0)
-    grid = [0.25 * k for k in range(int(round(max_radius / 0.25)) + 1)]
+    grid = [0.25 * k for k in range(round(max_radius / 0.25) + 1)]
     thresholds = norm.cdf(np.array(grid) / sigma)
     thresholds[0] = 0.5
     allowed = int(0.01 * len(radius) + 1e-9)
@@ -112,10 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             exact, dropped = bounds(path, sigma, max_radius, rows, args.draws, args.seed)
             lines.append(f"| {name} | {sigma:g} | 0, 0.25, …, {max_radius:g} | "
                          f"{rows or 'all'} | {describe(exact)} | {describe(dropped)} |")
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
+    publish_markdown(lines, args.out)
     return 0
 
 

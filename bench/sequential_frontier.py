@@ -45,6 +45,7 @@ from scipy.special import betainc, betaln
 from scipy.stats import beta, norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import publish_markdown  # noqa: E402
 from _votes import vote_prefix  # noqa: E402
 
 # (growth, optimism, patience): the settings compared (first look 100, α/2 at the last look)
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         bits, labels, guess = record["bits"][keep], record["label"][keep], record["guess"][keep]
     prefix = vote_prefix(bits, n)
     count = prefix[:, -1]
-    grid = [0.25 * k for k in range(int(round(args.max_radius / 0.25)) + 1)]
+    grid = [0.25 * k for k in range(round(args.max_radius / 0.25) + 1)]
     thresholds = norm.cdf(np.array(grid) / args.sigma)
     thresholds[0] = 0.5
     allowed = int(0.01 * len(count) + 1e-9)
@@ -287,10 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {label} | {growth:g} | {n / np.mean(means):.1f}× | "
                      + " | ".join(f"{n / m:.1f}×" if m else "no samples" for m in means)
                      + f" | {differing} |")
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
+    publish_markdown(lines, args.out)
     return 0
 
 

@@ -187,6 +187,10 @@ def test_wald_lower_bound_by_hand():
     assert dropped == pytest.approx(n / np.mean(cheaper), rel=1e-12)
 
 
+def likelihood_ratio(q, count, n, t):
+    return (q / t) ** count * ((1 - q) / (1 - t)) ** (n - count)
+
+
 def test_mixture_evidence_is_the_integral_it_names():
     """ln E_n(t) (the alternative bound of the frontier) against numerical integration of the
     likelihood ratio of q against t over q ~ Uniform[t, 1]."""
@@ -194,7 +198,7 @@ def test_mixture_evidence_is_the_integral_it_names():
 
     frontier = load("sequential_frontier")
     for count, n, t in [(40, 50, 0.6), (50, 50, 0.9), (7, 20, 0.2), (990, 1000, 0.97)]:
-        ratio = lambda q: (q / t) ** count * ((1 - q) / (1 - t)) ** (n - count)  # noqa: E731
-        integral, _ = quad(ratio, t, 1, epsabs=0, epsrel=1e-12, limit=200)
+        integral, _ = quad(likelihood_ratio, t, 1, args=(count, n, t), epsabs=0, epsrel=1e-12,
+                           limit=200)
         assert frontier.log_evidence(count, n, t) == pytest.approx(
             np.log(integral / (1 - t)), abs=1e-8)
