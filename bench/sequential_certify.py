@@ -103,15 +103,14 @@ def replay(record: dict, args, last: float) -> dict[str, dict[str, np.ndarray]]:
     prefix = vote_prefix(record["bits"], n)
     sampler = recorded_sampler(prefix)
     guess = tf.constant(record["guess"], tf.int64)
-    at_looks = sequential.look_schedule(n, growth=sequential.DEFAULT_GROWTH)
-    looks = sequential.look_schedule(n, growth=sequential.DEFAULT_GROWTH)
+    looks = sequential.look_schedule(n, growth=sequential.DEFAULT_GROWTH)  # both procedures'
     out: dict[str, dict[str, np.ndarray]] = {}
     out["certify"] = {**certificate(guess, prefix[:, -1], n, args.alpha, sigma),
                       "samples": tf.fill([len(prefix)], n)}
     for r in args.radii:
         radius = tf.fill([len(prefix)], tf.constant(r, tf.float64))
         out[f"at {r:g}"] = sequential.certify_at_from_votes(guess, sampler, radius, sigma,
-                                                            at_looks, args.alpha)
+                                                            looks, args.alpha)
     out["grid"] = sequential.certify_sequential_from_votes(guess, sampler, sigma, looks,
                                                            args.alpha, radii=grid_of(last))
     out["tolerance"] = sequential.certify_sequential_from_votes(guess, sampler, sigma, looks,

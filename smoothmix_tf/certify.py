@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from smoothmix_tf import sampling
+from smoothmix_tf import sampling, sequential
 from smoothmix_tf._checks import (
     SmoothMixError,
     as_float,
@@ -319,8 +319,6 @@ class Smooth:
         CERTIFY with n = max_n exactly (same samples, same bound). Returns ``classes`` (−1
         abstain), ``radius`` float32, ``samples``, ``p_lower`` float64, ``count``, ``guess``.
         """
-        from smoothmix_tf import sequential
-
         settings = _sequential_settings(n0, max_n, alpha, batch_size, first_look, growth)
         settings["max_radius"] = sequential.check_max_radius(as_float(max_radius))
         settings["radius_tolerance"] = sequential.check_radius_tolerance(
@@ -341,8 +339,6 @@ class Smooth:
                          growth: float = DEFAULT_GROWTH) -> dict[str, tf.Tensor]:
         """:meth:`certify_at` in TF ops: radius float ``[B]`` (or scalar), finite and ≥ 0
         (InvalidArgumentError otherwise); the settings are Python constants baked in."""
-        from smoothmix_tf import sequential
-
         looks = sequential.check_sequential_settings(n0, max_n, alpha, batch_size, first_look,
                                                      growth)
         images = self.validate_images_graph(images)
@@ -361,8 +357,6 @@ class Smooth:
                                  patience: int | None = None) -> dict[str, tf.Tensor]:
         """:meth:`certify_sequential` in TF ops (settings baked in as Python constants; ``radii``
         given: the grid rule, with max_radius = max(radii) unless given)."""
-        from smoothmix_tf import sequential
-
         looks = sequential.check_sequential_settings(n0, max_n, alpha, batch_size, first_look,
                                                      growth)
         images = self.validate_images_graph(images)
@@ -460,8 +454,6 @@ def _static_output_classes(network: keras.Model) -> int | None:
 def _sequential_settings(n0: int, max_n: int, alpha: float, batch_size: int, first_look: int,
                          growth: float) -> dict[str, Any]:
     """Checked settings of certify_at / certify_sequential (Python numbers, for the cache key)."""
-    from smoothmix_tf import sequential
-
     settings = {"n0": as_int(n0), "max_n": as_int(max_n), "alpha": as_float(alpha),
                 "batch_size": as_int(batch_size), "first_look": as_int(first_look),
                 "growth": as_float(growth)}

@@ -289,10 +289,10 @@ def certify_one_sequentially(smooth: Smooth, image: np.ndarray, *, n0: int, max_
     with ``optimism`` / ``patience`` when ``radii`` is given), with the looks and rule settings
     of :func:`sequential_rule` — the ones a run records (``rule``: already built by
     :func:`check_sequential_request`)."""
-    from smoothmix_tf import sequential as checks
+    if rule is None:  # a direct call: check what check_sequential_request would have
+        from smoothmix_tf import sequential as checks
 
-    checks.check_grid_rule(radii, max_radius, optimism, patience, max_n)
-    if rule is None:
+        checks.check_grid_rule(radii, max_radius, optimism, patience, max_n)
         rule = sequential_rule(radius=radius, radii=radii, optimism=optimism, patience=patience)
     common = {"alpha": alpha, "n0": n0, "max_n": max_n, "batch_size": batch_size, "seed": seed,
               "first_look": rule["first_look"], "growth": rule["growth"]}

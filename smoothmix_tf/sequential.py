@@ -397,10 +397,10 @@ def check_max_radius(max_radius: float | None) -> float | None:
 
 
 __all__ = ["DEFAULT_FIRST_LOOK", "DEFAULT_GRID_OPTIMISM", "DEFAULT_GROWTH",
-           "DEFAULT_RADIUS_TOLERANCE", "alpha_schedule",
-           "certify_at_from_votes", "certify_at_stop", "certify_sequential_from_votes",
-           "check_grid_rule", "check_grid_settings", "check_max_radius", "check_radii_grid",
-           "check_radius", "check_radius_tolerance", "check_sequential_settings", "clopper_pearson_upper",
+           "DEFAULT_RADIUS_TOLERANCE", "alpha_schedule", "certify_at_from_votes",
+           "certify_at_stop", "certify_sequential_from_votes", "check_grid_rule",
+           "check_grid_settings", "check_max_radius", "check_radii_grid", "check_radius",
+           "check_radius_tolerance", "check_sequential_settings", "clopper_pearson_upper",
            "expected_final_lower", "grid_stop", "grid_thresholds", "look_schedule",
            "max_radius_at", "optimistic_final_lower", "patience_look", "projected_final_lower",
            "radius_from_lower", "radius_threshold", "run_looks", "sequential_stop"]
